@@ -1,0 +1,26 @@
+# The two commands: `make run` opens the app, `make test` runs the whole suite.
+# Both create the virtual environment in .venv first if it is missing.
+PY := .venv/bin/python
+PORT ?= 8501
+
+.PHONY: run test env lint bench pretrained
+
+env:
+	@scripts/ensure_env.sh
+
+run: env
+	$(PY) -m streamlit run app.py --server.address 127.0.0.1 --server.port $(PORT)
+
+test: env
+	@scripts/ensure_chromium.sh
+	$(PY) -m ruff check .
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+lint: env
+	$(PY) -m ruff check .
+
+bench: env
+	$(PY) bench/bench.py
+
+pretrained: env
+	$(PY) pretrained/make_pretrained.py
