@@ -1,0 +1,219 @@
+"""Figure builders: trace counts and contents, NaN/Inf as gaps, empty inputs, JSON that renders."""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+
+import numpy as np
+import plotly.graph_objects as go
+import pytest
+
+from resviz import plots
+from resviz.plots import PLAIN_COLOR, RESIDUAL_COLOR
+
+NAN, INF = float("nan"), float("inf")
+
+
+def _walk(node, path="") -> None:
+    if isinstance(node, float):
+        assert math.isfinite(node), f"non-finite number at {path}"
+    elif isinstance(node, dict):
+        if "bdata" in node and str(node.get("dtype", "")).startswith("f"):
+            arr = np.frombuffer(base64.b64decode(node["bdata"]), dtype=node["dtype"])
+            assert np.isfinite(arr).all(), f"non-finite typed array at {path}"
+        for k, v in node.items():
+            _walk(v, f"{path}.{k}")
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            _walk(v, f"{path}[{i}]")
+
+
+def renders(fig: go.Figure) -> dict:
+    """The figure is a go.Figure whose JSON parses and holds no NaN/Inf anywhere."""
+    assert isinstance(fig, go.Figure)
+    text = fig.to_json()
+    assert "NaN" not in text and "Infinity" not in text
+    data = json.loads(text)
+    _walk(data)
+    return data
+
+
+def has_no_data_note(fig: go.Figure) -> bool:
+    return any("no data" in (a.text or "") or "no blocks" in (a.text or "") for a in fig.layout.annotations)
+
+
+BLOCKS = [
+    {"name": "b0", "stage": 1, "cin": 8, "cout": 8, "stride": 1, "skip": True, "projection": False, "removed": False},
+    {"name": "b1", "stage": 2, "cin": 8, "cout": 16, "stride": 2, "skip": True, "projection": True, "removed": False},
+    {"name": "b2", "stage": 2, "cin": 16, "cout": 16, "stride": 1, "skip": False, "projection": False, "removed": True},
+]
+
+
+def test_net_colors():
+    assert plots.net_color("residual") == RESIDUAL_COLOR and plots.net_color("ResNet-20") == RESIDUAL_COLOR
+    assert plots.net_color("plain-20") == PLAIN_COLOR
+    assert plots.net_color("other", 2) == plots.PALETTE[2]
+
+
+def test_architecture_figure():
+    fig = plots.architecture_figure(BLOCKS)
+    renders(fig)
+    assert len(fig.layout.shapes) == 2 * len(BLOCKS)  # a box and a skip arc per block
+    arcs = [s for s in fig.layout.shapes if s.type == "path"]
+    assert [a.line.dash for a in arcs] == ["solid", "solid", "dash"]
+    assert arcs[1].line.color == plots.PROJECTION_COLOR and arcs[2].line.color == plots.OFF_COLOR
+    boxes = [s for s in fig.layout.shapes if s.type == "rect"]
+    assert boxes[2].line.dash == "dot"  # removed block
+    hover = fig.data[1].hovertext
+    assert "8 -> 16" in hover[1] and "skip off" in hover[2] and "REMOVED" in hover[2]
+    stage_notes = sorted(a.text for a in fig.layout.annotations)
+    assert stage_notes == ["stage 1", "stage 2"]
+    assert {t.name for t in fig.data if t.showlegend is not False} == {"skip on", "skip off", "projection shortcut"}
+    empty = plots.architecture_figure([])
+    renders(empty)
+    assert has_no_data_note(empty) and not empty.data
+
+
+def test_signal_prop_figure():
+    res = {"mean_sq": [1.0, 1.1, 1.2, 1.3], "var": [1.0, 2.0, 3.0, 4.0]}
+    plain = {"mean_sq": [1.0, 0.1, NAN, 0.0], "var": [1.0, INF, 0.01, -1.0]}
+    fig = plots.signal_prop_figure(res, plain)
+    renders(fig)
+    assert len(fig.data) == 4
+    plain_var = [t for t in fig.data if t.name == "plain" and t.xaxis == "x2"][0]
+    assert list(plain_var.y) == [1.0, None, 0.01, None]  # Inf and a non-positive value on log axis -> gaps
+    assert fig.layout.yaxis.type == "log" and fig.layout.yaxis2.type == "log"
+    assert {t.line.color for t in fig.data if t.name == "residual"} == {RESIDUAL_COLOR}
+    assert len(plots.signal_prop_figure(res, None).data) == 2
+    three = plots.signal_prop_figure(res | {"branch_var": np.array([0.5, 0.4, 0.3, 0.2])}, plain)
+    renders(three)
+    assert len(three.data) == 6 and three.layout.yaxis3.type == "log"
+    assert [t.name for t in three.data if t.xaxis == "x3"] == ["residual", "plain"]
+    for empty in (plots.signal_prop_figure(None, None), plots.signal_prop_figure({}, {"mean_sq": []})):
+        renders(empty)
+        assert has_no_data_note(empty)
+
+
+def test_grad_norm_figure():
+    fig = plots.grad_norm_figure([1e-3, 1e-2, NAN], {"stem": 0.5, "block 0": INF, "fc": 2.0})
+    renders(fig)
+    assert len(fig.data) == 2 and fig.layout.yaxis.type == "log"
+    assert list(fig.data[0].y) == [1e-3, 1e-2, None]
+    assert list(fig.data[1].x) == ["stem", "block 0", "fc"] and list(fig.data[1].y) == [0.5, None, 2.0]
+    assert fig.data[1].line.color == PLAIN_COLOR
+    assert has_no_data_note(plots.grad_norm_figure([], None))
+
+
+def test_training_curves_figure():
+    hist = {
+        "residual": {"step": [0, 1, 2], "loss": [2.3, NAN, 1.5], "acc": [0.1, 0.2, 0.4],
+                     "test_step": [2], "test_loss": [1.6], "test_acc": [0.35]},
+        "plain": {"step": [0, 1, 2], "loss": [2.3, 2.2, INF], "acc": [0.1, 0.1, 0.15]},
+    }
+    fig = plots.training_curves_figure(hist)
+    renders(fig)
+    assert len(fig.data) == 8  # 2 nets x (loss, acc) x (train, test)
+    res_loss = [t for t in fig.data if t.name == "residual train" and t.xaxis == "x"][0]
+    assert list(res_loss.y) == [2.3, None, 1.5]
+    assert {t.line.color for t in fig.data if t.name.startswith("plain")} == {PLAIN_COLOR}
+    assert {t.line.dash for t in fig.data if "test" in t.name} == {"dash"}
+    for empty in (plots.training_curves_figure({}), plots.training_curves_figure({"residual": {}})):
+        renders(empty)
+        assert has_no_data_note(empty)
+
+
+def test_grad_flow_heatmap():
+    norms = np.array([[1.0, 10.0, NAN], [0.01, 0.0, 100.0]])
+    fig = plots.grad_flow_heatmap([0, 10, 20], ["stem", "fc"], norms)
+    renders(fig)
+    (hm,) = fig.data
+    assert list(hm.z[0][:2]) == [0.0, 1.0] and hm.z[0][2] is None and hm.z[1][1] is None  # log10; 0 -> gap
+    assert hm.customdata[1][2] == 100.0
+    assert list(hm.colorbar.ticktext) == ["1e-2", "1e-1", "1e0", "1e1", "1e2"]
+    empty = plots.grad_flow_heatmap([], [], [])
+    renders(empty)
+    assert has_no_data_note(empty) and not empty.data
+
+
+def test_ratio_figure():
+    ratios = np.array([[0.1, 1.0], [0.2, NAN], [0.3, 2.0]])
+    fig = plots.ratio_figure([0, 1, 2], ratios, block_names=["b0", "b1"])
+    renders(fig)
+    assert [t.name for t in fig.data] == ["b0", "b1"]
+    assert list(fig.data[1].y) == [1.0, None, 2.0]
+    assert fig.layout.yaxis.type == "log"
+    assert has_no_data_note(plots.ratio_figure([], np.zeros((0, 3))))
+    renders(plots.ratio_figure([], []))
+
+
+def test_feature_grid():
+    maps = np.random.default_rng(0).normal(size=(20, 4, 4))
+    maps[0, 0, 0] = NAN
+    fig = plots.feature_grid(maps, "block 1", max_maps=6)
+    renders(fig)
+    assert len(fig.data) == 6 and fig.layout.title.text == "block 1"
+    assert fig.data[0].z[0][0] is None and fig.data[1].z[2][3] == pytest.approx(maps[1, 2, 3])
+    assert len(plots.feature_grid(maps[:3]).data) == 3
+    for empty in (plots.feature_grid(np.zeros((0, 4, 4))), plots.feature_grid([])):
+        renders(empty)
+        assert has_no_data_note(empty)
+
+
+def test_magnitude_bars():
+    fig = plots.magnitude_bars([1.0, NAN, 3.0], [2.0, 2.0, INF], labels=["a", "b", "c"])
+    renders(fig)
+    assert [t.type for t in fig.data] == ["bar", "bar"]
+    assert list(fig.data[0].y) == [1.0, None, 3.0] and list(fig.data[1].x) == ["a", "b", "c"]
+    assert has_no_data_note(plots.magnitude_bars([], []))
+
+
+def test_topk_bars():
+    names = ["cat", "dog", "ship", "frog"]
+    fig = plots.topk_bars(names, [0.1, 0.6, NAN, 0.3], compare_probs=[0.5, 0.2, 0.2, 0.1], k=2)
+    renders(fig)
+    assert len(fig.data) == 2
+    assert list(fig.data[0].y) == ["dog", "frog"] and list(fig.data[0].x) == [0.6, 0.3]
+    assert list(fig.data[1].x) == [0.2, 0.1]  # the intact net's probability for the same classes
+    assert len(plots.topk_bars(names, [0.25] * 4).data) == 1
+    assert has_no_data_note(plots.topk_bars([], []))
+
+
+def test_attribution_overlay():
+    image = np.random.default_rng(1).random((8, 8, 3))
+    image[0, 0, 0] = NAN
+    heat = np.zeros((4, 4))
+    heat[1, 1], heat[3, 3] = 1.0, INF
+    fig = plots.attribution_overlay(image, heat, opacity=0.4)
+    data = renders(fig)
+    assert [t.type for t in fig.data] == ["image", "heatmap"]
+    assert fig.data[1].dx == 2.0 and fig.data[1].opacity == 0.4  # a 4x4 map stretched over 8x8 pixels
+    assert fig.data[1].z[3][3] is None
+    assert np.asarray(fig.data[0].z).shape == (8, 8, 3) and data["data"][0]["type"] == "image"
+    assert len(plots.attribution_overlay(image[..., 0], np.ones((8, 8))).data) == 2  # grey image
+    assert len(plots.attribution_overlay(None, heat).data) == 1
+    assert has_no_data_note(plots.attribution_overlay(None, []))
+
+
+def test_lesion_figure():
+    fig = plots.lesion_figure(["b0", "b1", "b2"], {"residual": [0.8, 0.85, NAN], "plain": [0.1, 0.12, 0.1]},
+                              intact={"residual": 0.9, "plain": NAN})
+    renders(fig)
+    assert [t.name for t in fig.data] == ["residual", "plain"]
+    assert list(fig.data[0].y) == [0.8, 0.85, None]
+    assert len(fig.layout.shapes) == 1  # the NaN intact line is not drawn
+    assert has_no_data_note(plots.lesion_figure([], {}))
+
+
+def test_loss_landscape_figure():
+    surface = np.array([[1.0, 2.0, 4.0], [0.5, NAN, 8.0]])
+    fig = plots.loss_landscape_figure(surface, alphas=[-1, 0, 1], betas=[-1, 1])
+    renders(fig)
+    assert [t.type for t in fig.data] == ["surface", "contour"]
+    assert fig.data[0].z[1][1] is None and fig.data[0].z[0][1] == pytest.approx(math.log10(2))
+    lin = plots.loss_landscape_figure(surface, log=False)
+    assert lin.data[1].z[1][2] == 8.0
+    for empty in (plots.loss_landscape_figure([]), plots.loss_landscape_figure(np.full((2, 2), NAN))):
+        renders(empty)
+        assert has_no_data_note(empty)
