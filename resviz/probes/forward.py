@@ -1,0 +1,175 @@
+"""Forward instruments: branch magnitudes, signal propagation and raw activations."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+
+from .base import Probe, Rows, Tensor
+
+
+def _stats(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-sample flattened float32 view and its L2 norms: (N, D), (N,)."""
+    flat = x.detach().flatten(1).float()
+    return flat, torch.linalg.vector_norm(flat, dim=1)
+
+
+class BranchMagnitudes(Probe):
+    """How big the residual branch is next to the shortcut, per block and per forward call.
+
+    ``f_norm`` / ``s_norm``: L2 norm of F(x) / S(x) per sample, averaged over the batch.
+    ``ratio = f_norm / s_norm`` (ratio of the batch averages). ``cosine``: cosine between F(x) and S(x)
+    per sample (0 when either is exactly zero), averaged over the batch. When S is absent (skip off),
+    ``s_norm`` is 0 and ``ratio``/``cosine`` are NaN; when F is absent (removed block), ``f_norm`` and
+    ``ratio`` are 0 and ``cosine`` is NaN.
+    """
+
+    KEYS = ("f_norm", "s_norm", "ratio", "cosine")
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__(net)
+        self._rows = Rows(self.KEYS, len(self.blocks))
+
+    def _attach(self) -> None:
+        for i, blk in enumerate(self.blocks):
+            self._handles.append(blk.merge.register_forward_hook(self._hook(i)))
+
+    def _hook(self, i: int) -> Callable[..., None]:
+        def hook(_m: nn.Module, inputs: tuple, _out: Tensor) -> None:
+            if self._on:
+                for slot, value in enumerate(self._measure(*inputs)):
+                    self._rows.put(slot, i, value)
+
+        return hook
+
+    @staticmethod
+    def _measure(f: Tensor | None, s: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        ref = f if f is not None else s
+        zero = torch.zeros((), device=ref.device)
+        nan = torch.full((), math.nan, device=ref.device)
+        ff, fn = _stats(f) if f is not None else (None, None)
+        ss, sn = _stats(s) if s is not None else (None, None)
+        f_norm = fn.mean() if fn is not None else zero
+        s_norm = sn.mean() if sn is not None else zero
+        if ff is None or ss is None:
+            return f_norm, s_norm, (zero if ss is not None else nan), nan
+        cos = (ff * ss).sum(1) / (fn * sn).clamp_min(torch.finfo(torch.float32).tiny)
+        return f_norm, s_norm, f_norm / s_norm, cos.mean()
+
+    def _collect(self, clear: bool) -> dict[str, Tensor]:
+        return self._rows.take(clear)
+
+
+class SignalProp(Probe):
+    """Signal-propagation statistics per block (Brock et al. 2021, "Characterizing signal propagation").
+
+    Per forward call, at each block output y: ``mean_sq`` = mean over channels of (mean over N,H,W of y)^2,
+    ``var`` = mean over channels of the variance over N,H,W of y; ``branch_var`` = the same average
+    channel variance of F(x) at the merge (NaN for a removed block). Variances are population variances
+    (divide by N*H*W).
+    """
+
+    KEYS = ("mean_sq", "var", "branch_var")
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__(net)
+        self._rows = Rows(self.KEYS, len(self.blocks))
+
+    def _attach(self) -> None:
+        for i, blk in enumerate(self.blocks):
+            self._handles.append(blk.register_forward_hook(self._out_hook(i)))
+            self._handles.append(blk.merge.register_forward_hook(self._merge_hook(i)))
+
+    def _out_hook(self, i: int) -> Callable[..., None]:
+        def hook(_m: nn.Module, _inputs: tuple, out: Tensor) -> None:
+            if self._on:
+                var, mean = torch.var_mean(out.detach().float(), dim=(0, 2, 3), correction=0)
+                self._rows.put(0, i, mean.square().mean())
+                self._rows.put(1, i, var.mean())
+
+        return hook
+
+    def _merge_hook(self, i: int) -> Callable[..., None]:
+        def hook(_m: nn.Module, inputs: tuple, _out: Tensor) -> None:
+            f = inputs[0]
+            if self._on and f is not None:
+                self._rows.put(2, i, torch.var(f.detach().float(), dim=(0, 2, 3), correction=0).mean())
+
+        return hook
+
+    def _collect(self, clear: bool) -> dict[str, Tensor]:
+        return self._rows.take(clear)
+
+
+class Activations(Probe):
+    """Detached feature maps per block: F(x), S(x), their sum and the block output.
+
+    Args:
+        net: a ResViz net (or a single block).
+        max_channels: keep only the first ``max_channels`` channels of each map (copied, so the rest
+            of the activation is not kept alive).
+        blocks: indices of the blocks to tap (default all); ``.indices`` lists them.
+
+    Every forward call is kept; ``result()`` concatenates the calls along the batch dimension.
+    """
+
+    def __init__(self, net: nn.Module, max_channels: int | None = None, blocks: Sequence[int] | None = None) -> None:
+        super().__init__(net)
+        n = len(self.blocks)
+        self.indices = list(range(n)) if blocks is None else [int(i) for i in blocks]
+        bad = [i for i in self.indices if not 0 <= i < n]
+        if bad:
+            raise ValueError(f"block indices out of range 0..{n - 1}: {bad}")
+        if max_channels is not None and max_channels < 1:
+            raise ValueError(f"max_channels must be >= 1, got {max_channels}")
+        self.max_channels = max_channels
+        self._store: list[dict[str, list[Tensor | None]]] = [self._empty() for _ in self.indices]
+
+    @staticmethod
+    def _empty() -> dict[str, list[Tensor | None]]:
+        return {"f": [], "s": [], "sum": [], "out": []}
+
+    def _keep(self, t: Tensor | None) -> Tensor | None:
+        if t is None:
+            return None
+        t = t.detach()
+        return t if self.max_channels is None else t[:, : self.max_channels].clone()
+
+    def _attach(self) -> None:
+        for j, i in enumerate(self.indices):
+            merge_hook, out_hook = self._hooks(self._store[j])
+            self._handles.append(self.blocks[i].merge.register_forward_hook(merge_hook))
+            self._handles.append(self.blocks[i].register_forward_hook(out_hook))
+
+    def _hooks(self, store: dict[str, list[Tensor | None]]) -> tuple[Callable[..., None], Callable[..., None]]:
+        def merge_hook(_m: nn.Module, inputs: tuple, out: Tensor) -> None:
+            if self._on:
+                store["f"].append(self._keep(inputs[0]))
+                store["s"].append(self._keep(inputs[1]))
+                store["sum"].append(self._keep(out))
+
+        def out_hook(_m: nn.Module, _inputs: tuple, out: Tensor) -> None:
+            if self._on:
+                store["out"].append(self._keep(out))
+
+        return merge_hook, out_hook
+
+    def result(self) -> list[dict[str, Tensor | None]]:  # type: ignore[override]
+        """One dict per tapped block; a map is ``None`` if it was absent in any recorded call."""
+        return [
+            {k: None if not v or any(t is None for t in v) else torch.cat(v).cpu() for k, v in store.items()}
+            for store in self._store
+        ]
+
+    def drain(self) -> list[dict[str, Tensor | None]]:  # type: ignore[override]
+        res = self.result()
+        self.reset()
+        return res
+
+    def reset(self) -> None:
+        for store in self._store:
+            for values in store.values():
+                values.clear()  # in place: the hooks hold these lists
