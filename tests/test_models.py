@@ -13,7 +13,6 @@ from resviz import BlockConfig, NetConfig, build_net, count_macs, count_params, 
 from resviz.blocks import ResidualBlock, ShortcutA
 from resviz.config import ACTIVATIONS, KINDS, NORMS, ORDERS, SHORTCUTS
 
-torch.set_num_threads(2)
 
 
 def tiny(kind="basic", **block) -> NetConfig:
