@@ -14,7 +14,6 @@ from resviz.blocks import ResidualBlock, ShortcutA
 from resviz.config import ACTIVATIONS, KINDS, NORMS, ORDERS, SHORTCUTS
 
 
-
 def tiny(kind="basic", **block) -> NetConfig:
     return NetConfig(depth=11 if kind == "bottleneck" else 8, width=8, input_size=16, block=BlockConfig(kind=kind, **block))
 
