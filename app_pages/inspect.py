@@ -1,0 +1,217 @@
+"""Inspect page: one image through one net: predictions, F(x) and S(x) per block, attributions, lesions."""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import numpy as np
+import streamlit as st
+import torch
+
+from app_pages import common, pickers
+from resviz import ResNet, plots, zoo
+from resviz.inspect import CHANNEL_ORDERS, Heatmap, Inspection, Lesion, compare, explain, inspect_image, removal_effects
+from resviz.zoo import ModelInfo
+
+METHODS = {"gradcam": "Grad-CAM", "saliency": "Saliency", "integrated_gradients": "Integrated Gradients", "occlusion": "Occlusion"}
+COSTLY = ("integrated_gradients", "occlusion")  # many forward passes: computed only when asked
+TOP_K = 5
+TABS = ("Branch vs shortcut", "Attribution", "Remove one block")
+_RESULTS = "i_results"  # session store of costly results (attributions, lesion sweeps)
+
+
+# -- cached computations ---------------------------------------------------------------------
+@st.cache_data(max_entries=64, show_spinner=False)
+def _inspect(model_key: str, image_key: str, skips: tuple | None, removed: tuple, view: tuple, _net: ResNet,
+             _x: torch.Tensor, _classes: tuple[str, ...]) -> Inspection:
+    block, channels, order, start = view
+    return inspect_image(_net, _x, classes=_classes, lesion=Lesion(skips=skips, removed=removed), k=TOP_K, block=block,
+                         channels=channels, channel_order=order, channel_start=start)
+
+
+# -- lesion and view controls -------------------------------------------------------------------
+def _block_label(net: ResNet, i: int) -> str:
+    return f"block {i} (stage {net.stage_of[i] + 1}, {net.blocks[i].cout} ch)"
+
+
+def lesion_widgets(net: ResNet, model_key: str) -> Lesion:
+    """Per-block skip and remove switches, applied at inference; keys are per model."""
+    tag = hashlib.sha1(model_key.encode()).hexdigest()[:10]
+    n, label = len(net.blocks), (lambda i: _block_label(net, i))
+    skip_key, removed_key = f"i_skip_off_{tag}", f"i_removed_{tag}"
+    common.widget_default(skip_key, [i for i, s in enumerate(net.skips) if not s])
+    c1, c2 = st.columns(2)
+    off = c1.multiselect("Skip connection off (plain block)", range(n), format_func=label, key=skip_key,
+                         help="y = post(F(x)): the block loses its shortcut. Nothing is retrained.")
+    removed = c2.multiselect("Block removed (branch F dropped)", range(n), format_func=label, key=removed_key,
+                             help="y = post(S(x)): the block passes its input through its shortcut only.")
+    return Lesion(skips=tuple(i not in off for i in range(n)), removed=tuple(removed))
+
+
+def view_widgets(net: ResNet) -> tuple[int, int, str, int]:
+    """(block, channel count, channel order, first channel) of the feature maps to show."""
+    c1, c2, c3, c4 = st.columns([3, 2, 2, 2])
+    n = len(net.blocks)
+    block = c1.selectbox("Block", range(n), format_func=lambda i: _block_label(net, i), key="i_block")
+    block = min(int(block), n - 1)
+    total = net.blocks[block].cout
+    order = c2.radio("Channels", CHANNEL_ORDERS, format_func={"index": "by index", "strongest": "strongest"}.get,
+                     key="i_order", horizontal=True)
+    count = c3.slider("How many", 1, min(32, total), min(8, total), key=f"i_count_{total}")
+    start = c4.number_input("First channel", 0, total - 1, 0, key=f"i_start_{total}", disabled=order != "index")
+    return block, int(count), order, int(start)
+
+
+# -- display --------------------------------------------------------------------------------------
+def show_predictions(info: ModelInfo, intact: Inspection, shown: Inspection, lesioned: bool) -> None:
+    """Top-k of the (possibly lesioned) net, beside the intact net's when a lesion is on."""
+    if not lesioned:
+        st.plotly_chart(plots.topk_bars(info.classes, shown.probs, k=TOP_K), key="i_topk")
+        st.dataframe({"class": [p.label for p in shown.top], "probability": [round(p.prob, 4) for p in shown.top]},
+                     hide_index=True, key="i_topk_table")
+        return
+    c = compare(intact.probs, shown.probs, info.classes, k=TOP_K)
+    st.plotly_chart(plots.topk_bars(info.classes, shown.probs, intact.probs, k=TOP_K, names=("modified", "intact")),
+                    key="i_topk")
+    m1, m2, m3 = st.columns(3)
+    m1.metric("Top-1", shown.top[0].label, "same as intact" if c.top1_agree else f"intact: {intact.top[0].label}",
+              delta_color="off" if c.top1_agree else "inverse")
+    m2.metric(f"p({intact.top[0].label})", f"{shown.probs[intact.top[0].index]:.1%}", f"{c.delta_conf:+.1%}")
+    m3.metric("KL(intact || modified)", f"{c.kl:.3f} nats", f"top-{TOP_K} overlap {c.topk_overlap:.0%}", delta_color="off")
+    st.dataframe({"class": [r[1] for r in c.rows], "probability": [round(r[3], 4) for r in c.rows],
+                  "intact": [round(r[2], 4) for r in c.rows]}, hide_index=True, key="i_topk_table")
+
+
+def _grid(maps: np.ndarray | None, channels: tuple[int, ...], title: str, missing: str, key: str) -> None:
+    if maps is None:
+        st.info(missing)
+        return
+    fig = plots.feature_grid(maps, title=title, max_maps=len(channels))
+    for ann, ch in zip(fig.layout.annotations, channels):  # subplot titles: the real channel numbers
+        ann.text = f"ch {ch}"
+    st.plotly_chart(fig, key=key)
+
+
+def show_maps(shown: Inspection) -> None:
+    m = shown.maps
+    st.caption(f"Block {m.block}: {len(m.channels)} of {m.total_channels} channels, each with its own grey scale.")
+    c1, c2, c3 = st.columns(3)
+    with c1:
+        _grid(m.f, m.channels, "F(x), residual branch", "The block is removed: F(x) is not computed.", "i_map_f")
+    with c2:
+        _grid(m.s, m.channels, "S(x), shortcut", "The skip connection is off: S(x) is absent.", "i_map_s")
+    with c3:
+        _grid(m.sum, m.channels, "F(x) + S(x)", "", "i_map_sum")
+
+
+def show_magnitudes(ctx: dict[str, Any], shown: Inspection) -> None:
+    net = ctx["net"]
+    labels = [f"{i}" for i in range(len(net.blocks))]
+    st.plotly_chart(plots.magnitude_bars(shown.f_norm, shown.s_norm, labels=labels), key="i_mags")
+    ratio = np.divide(shown.f_norm, shown.s_norm, out=np.full_like(shown.f_norm, np.nan), where=shown.s_norm > 0)
+    if np.isfinite(ratio).any():
+        st.caption(f"Median ||F(x)|| / ||S(x)||: {np.nanmedian(ratio):.2f}. Below 1, a block makes a small correction "
+                   "to what the shortcut carries; a plain block has no shortcut (S = 0).")
+
+
+def _results() -> dict[tuple, Any]:
+    return st.session_state.setdefault(_RESULTS, {})
+
+
+def _remember(key: tuple, value: Any, keep: int = 16) -> None:
+    """Keep a costly result for this session (the newest ``keep`` of them)."""
+    store = _results()
+    store.pop(key, None)
+    store[key] = value
+    while len(store) > keep:
+        store.pop(next(iter(store)))
+
+
+@st.cache_data(max_entries=32, show_spinner="Computing the attribution...")
+def _explain(model_key: str, image_key: str, skips: tuple, removed: tuple, method: str, target: int, block: int,
+             _net: ResNet, _x: torch.Tensor) -> Heatmap:
+    return explain(_net, _x, method, lesion=Lesion(skips=skips, removed=removed), target=target, block=block)
+
+
+def show_attribution(ctx: dict[str, Any], shown: Inspection) -> None:
+    """Captum maps over the image; cheap methods at once, costly ones when asked (then kept)."""
+    net, info, lesion = ctx["net"], ctx["info"], ctx["lesion"]
+    c1, c2, c3 = st.columns(3)
+    method = c1.selectbox("Method", list(METHODS), format_func=METHODS.get, key="i_method")
+    targets = [p.index for p in shown.top]
+    target = c2.selectbox("Explain class", targets, format_func=lambda i: info.classes[i], key="i_target")
+    n = len(net.blocks)
+    block = c3.selectbox("Grad-CAM block", range(n), index=n - 1, format_func=lambda i: _block_label(net, i),
+                         key="i_cam_block", disabled=method != "gradcam")
+    target = target if target in targets else targets[0]
+    args = (ctx["model_key"], ctx["image_key"], lesion.skips, lesion.removed, method, int(target), int(block))
+    store = _results()
+    asked = method not in COSTLY or args in store
+    if not asked and not st.button(f"Compute {METHODS[method]}", key="i_attr_go", help="Many forward passes: may take a while."):
+        return
+    _remember(args, _explain(*args, net, ctx["x"]))
+    _show_heatmap(store[args], ctx["picture"], info)
+
+
+def _show_heatmap(h: Heatmap, picture: np.ndarray, info: ModelInfo) -> None:
+    title = f"{METHODS[h.method]} for {info.classes[h.target]}"
+    st.plotly_chart(plots.attribution_overlay(picture, h.heatmap, title=title), key="i_attr")
+    if h.delta is not None:
+        st.caption(f"Integrated Gradients completeness error: {h.delta:.2e} (near 0 means the path integral converged).")
+
+
+def show_removal_sweep(ctx: dict[str, Any], shown: Inspection) -> None:
+    """Remove each block in turn (on top of the current lesion) and plot the top class's probability."""
+    net, lesion, top = ctx["net"], ctx["lesion"], shown.top[0]
+    st.caption("Veit et al. (2016): a residual net barely notices losing one block, a plain net falls apart. "
+               f"Each bar is p({top.label}) with that block also removed.")
+    args = ("sweep", ctx["model_key"], ctx["image_key"], lesion.skips, lesion.removed)
+    store = _results()
+    if args not in store:
+        if not st.button(f"Remove each of the {len(net.blocks)} blocks in turn", key="i_sweep_go"):
+            return
+        _remember(args, removal_effects(net, ctx["x"], lesion, target=top.index))
+    labels = [str(i) for i in range(len(net.blocks))]
+    fig = plots.lesion_figure(labels, {f"p({top.label})": store[args]}, intact={"current net": top.prob})
+    fig.update_layout(title=f"p({top.label}) with one more block removed", yaxis_title="probability")
+    st.plotly_chart(fig, key="i_sweep")
+
+
+# -- page -----------------------------------------------------------------------------------------
+def render() -> None:
+    st.title("Inspect")
+    st.caption("Run one image through a net and look inside every block: the residual branch F(x), the shortcut "
+               "S(x) and their sum. Switch skips off or remove blocks to see what each part contributes.")
+    left, right = st.columns([1, 1])
+    with left:
+        model = pickers.choose_model()
+        picked = pickers.choose_image(model[2]) if model is not None else None
+    if model is None or picked is None:
+        return
+    (model_key, net, info), (x, caption) = model, picked
+    ctx = {"model_key": model_key, "net": net, "info": info, "x": x, "picture": zoo.as_picture(x, info),
+           "image_key": hashlib.sha1(x.numpy().tobytes()).hexdigest()}
+    st.subheader("Lesions")
+    ctx["lesion"] = lesion = lesion_widgets(net, model_key)
+    st.subheader("Feature maps")
+    view = view_widgets(net)
+    intact = _inspect(model_key, ctx["image_key"], None, (), view, net, x, info.classes)
+    changed = not lesion.is_intact(net)
+    shown = _inspect(model_key, ctx["image_key"], lesion.skips, lesion.removed, view, net, x, info.classes) if changed else intact
+    with right:
+        st.image(ctx["picture"], width=min(320, max(160, 4 * info.input_size)))
+        st.caption(f"{caption}, as the net sees it ({info.input_size}x{info.input_size}, after preprocessing)")
+        if changed:
+            st.caption(f"Modified net: {lesion.describe(net)}")
+        show_predictions(info, intact, shown, changed)
+    show_maps(shown)
+    # Lazy tabs: only the open one runs, so attributions cost nothing until someone looks at them.
+    sections = {TABS[0]: show_magnitudes, TABS[1]: show_attribution, TABS[2]: show_removal_sweep}
+    for tab, (title, show) in zip(st.tabs(TABS, key="i_tab", on_change="rerun"), sections.items(), strict=True):
+        if tab.open:
+            with tab, common.guard(title):
+                show(ctx, shown)
+
+
+common.run_page(render, "The Inspect page")
