@@ -1,0 +1,248 @@
+"""Train page: train the designed net next to its plain twin and watch both, live."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import replace
+
+import numpy as np
+import plotly.graph_objects as go
+import streamlit as st
+
+from app_pages import common, runs
+from app_pages.help_text import HELP
+from resviz import TrainConfig, plots
+from resviz.data import DATASETS, DatasetUnavailable, available_datasets
+from resviz.jobs import ACTIVE, JobLimitError, TrainingJob
+
+BATCH_SIZES = (16, 32, 64, 128, 256)
+TRAIN_SIZES = (500, 1000, 2000, 3000, 5000, 10000)
+REFRESH_S = 1.0  # live charts refresh once a second while a run is active
+FOLDER = "imagefolder"
+STATUS_BOX = {"finished": st.success, "stopped": st.warning, "diverged": st.error, "failed": st.error}
+
+
+# -- settings -----------------------------------------------------------------------------------
+def _dataset_widget() -> tuple[str, str]:
+    """Dataset choice: built-ins, torchvision datasets whose files exist, or a folder by path."""
+    avail = available_datasets()
+    options = [k for k, ok in avail.items() if ok is True] + [FOLDER]
+    common.widget_default("t_dataset", st.session_state[common.DATASET])
+    common.widget_default("t_folder", st.session_state[common.DATA_FOLDER])
+    if st.session_state["t_dataset"] not in options:
+        st.session_state["t_dataset"] = common.DEFAULT_DATASET
+    name = st.selectbox("Dataset", options, key="t_dataset", help=HELP["dataset"],
+                        format_func=lambda k: "your image folder" if k == FOLDER else k)
+    st.caption(DATASETS.get(name, ""))
+    missing = {k: why for k, why in avail.items() if why is not True and k != FOLDER}
+    if missing:
+        with st.expander("Why are some datasets missing?"):
+            for k, why in missing.items():
+                st.markdown(f"**{k}**: {why}")
+    folder = st.text_input("Image folder", key="t_folder", help=HELP["folder"]) if name == FOLDER else ""
+    return name, folder
+
+
+def _settings() -> tuple[TrainConfig, bool, int]:
+    """Optimisation widgets; returns the training config, whether to train the plain twin, train size."""
+    cfg = common.train_config()
+    auto, found = common.devices()
+    for key, value in {"t_opt": cfg.optimizer, "t_lr": cfg.lr, "t_epochs": cfg.epochs, "t_bs": cfg.batch_size,
+                       "t_seed": cfg.seed, "t_device": cfg.device if cfg.device in ["auto", *found] else "auto",
+                       "t_twin": st.session_state[common.TWIN], "t_n": st.session_state[common.TRAIN_SIZE]}.items():
+        common.widget_default(key, value)
+    c1, c2, c3 = st.columns(3)
+    opt = c1.selectbox("Optimizer", ("sgd", "adamw"), key="t_opt", help=HELP["optimizer"])
+    lr = c2.number_input("Learning rate", 1e-5, 2.0, step=0.01, format="%.4f", key="t_lr", help=HELP["lr"])
+    epochs = c3.number_input("Epochs", 0.1, 50.0, step=0.5, key="t_epochs", help=HELP["epochs"])
+    bs = c1.select_slider("Batch size", _with(BATCH_SIZES, "t_bs"), key="t_bs", help=HELP["batch_size"])
+    n = c2.select_slider("Training images", _with(TRAIN_SIZES, "t_n"), key="t_n", help=HELP["train_size"])
+    seed = c3.number_input("Seed", 0, 2**31 - 1, key="t_seed", help=HELP["seed"])
+    device = c1.selectbox("Device", ["auto", *found], key="t_device", help=HELP["device"],
+                          format_func=lambda d: f"auto ({auto})" if d == "auto" else d)
+    twin = c2.toggle("Train the plain twin alongside", key="t_twin", help=HELP["twin"])
+    new = replace(cfg, optimizer=opt, lr=float(lr), epochs=float(epochs), batch_size=int(bs), seed=int(seed), device=device)
+    return new, twin, int(n)
+
+
+def _with(options: tuple[int, ...], key: str) -> list[int]:
+    """The slider's options plus the current value (which a link may have set to anything valid)."""
+    return sorted(set(options) | {int(st.session_state[key])})
+
+
+# -- actions ------------------------------------------------------------------------------------
+def _start(dataset: str, folder: str, cfg: TrainConfig, twin: bool, train_size: int) -> None:
+    """Load the data, adapt the net to it and submit a job; problems become short messages."""
+    name = f"folder:{folder}" if dataset == FOLDER else dataset
+    if dataset == FOLDER and not folder.strip():
+        st.error("Enter the path of a folder of images first.")
+        return
+    net_cfg = common.net_config()
+    try:
+        bundle = runs.load_bundle(name, net_cfg.input_size, train_size, cfg.seed)
+        net_cfg = common.with_dataset_shape(net_cfg, bundle.num_classes, bundle.channels)
+        cfg = replace(cfg, eval_every=_eval_every(len(bundle.train), cfg))
+        runs.registry().submit(runs.session_id(), TrainingJob(net_cfg, bundle, cfg, twin=twin))
+    except (DatasetUnavailable, JobLimitError, ValueError) as e:
+        st.error(str(e))
+        return
+    st.session_state["t_view"] = None  # show the new run
+    st.rerun()
+
+
+def _eval_every(n_train: int, cfg: TrainConfig) -> int:
+    """About 20 test evaluations per run, so the test curves fill in while the run goes on."""
+    steps = cfg.epochs * max(1, n_train // min(cfg.batch_size, n_train))
+    return max(5, round(steps / 20))
+
+
+def _controls(job: TrainingJob | None, start_args: tuple) -> None:
+    status = job.status if job is not None else None
+    c1, c2, c3, c4 = st.columns(4)
+    if c1.button("Start", type="primary", key="t_start", disabled=status in ACTIVE, icon=":material/play_arrow:"):
+        _start(*start_args)
+    if c2.button("Pause", key="t_pause", disabled=status != "running", icon=":material/pause:"):
+        job.pause()
+        st.rerun()
+    if c3.button("Resume", key="t_resume", disabled=status != "paused", icon=":material/resume:"):
+        job.resume()
+        st.rerun()
+    if c4.button("Stop", key="t_stop", disabled=status not in ACTIVE, icon=":material/stop:"):
+        job.stop()
+        st.rerun()
+
+
+# -- live view ----------------------------------------------------------------------------------
+def _progress(snap: dict) -> None:
+    eta = f" · ETA {snap['eta_s']:.0f} s" if snap["eta_s"] is not None else ""
+    text = (f"step {snap['step']}/{snap['total_steps'] or '?'} · epoch {snap['epoch']:.2f} · "
+            f"{snap['images_per_s']:.0f} images/s{eta} · {snap['status']}")
+    st.progress(min(1.0, snap["progress"]), text=text)
+    if snap["status"] in STATUS_BOX:
+        msg = {"finished": "Training finished.", "stopped": "Training was stopped."}.get(snap["status"], "")
+        STATUS_BOX[snap["status"]](f"{msg} {snap['error']}".strip() if snap["error"] else msg or snap["status"])
+
+
+def _latest_metrics(snap: dict) -> None:
+    """Latest test accuracy of each net; the residual net's shows its lead over the plain twin."""
+    acc = {name: snap["latest"].get(f"{name}/test_acc") for name in snap["names"]}
+    cols = st.columns(max(1, len(acc)))
+    for col, (name, value) in zip(cols, acc.items()):
+        other = acc.get("plain") if name == "residual" else None
+        delta = f"{(value - other) * 100:+.1f} points vs plain" if value is not None and other is not None else None
+        col.metric(f"{name} test accuracy", f"{value:.1%}" if value is not None else "—", delta=delta,
+                   help="Accuracy on the held-out split at the last evaluation.")
+
+
+def _figure(name: str, version: tuple, build: Callable[[], go.Figure]) -> go.Figure:
+    """Rebuild a chart only when its data changed (building a figure costs tens of milliseconds)."""
+    store = st.session_state.setdefault("_t_figures", {})
+    if name not in store or store[name][0] != version:
+        store[name] = (version, build())
+    return store[name][1]
+
+
+def _flow_figure(name: str, steps: np.ndarray, values: np.ndarray) -> go.Figure:
+    fig = plots.grad_flow_heatmap(steps, [f"b{i}" for i in range(values.shape[1])], values.T)
+    return fig.update_layout(title=f"Gradient flow per block: {name}")
+
+
+def _probe_charts(snap: dict) -> None:
+    names = snap["names"]
+    cols = st.columns(len(names) or 1)
+    for col, name in zip(cols, names):
+        steps, values = snap["probes"].get(f"{name}/grad_block", (None, None))
+        if steps is None:
+            col.info("Gradient readings appear after the first probed step.")
+            continue
+        fig = _figure(f"flow_{name}", (snap["id"], len(steps)), lambda n=name, s=steps, v=values: _flow_figure(n, s, v))
+        col.plotly_chart(fig, key=f"t_flow_{name}")
+    steps, ratios = snap["probes"].get("residual/ratio", (None, None))
+    if steps is not None:
+        names = [f"b{i}" for i in range(ratios.shape[1])]
+        fig = _figure("ratio", (snap["id"], len(steps)), lambda: plots.ratio_figure(steps, ratios, block_names=names))
+        st.plotly_chart(fig, key="t_ratio")
+
+
+def _live_view(job_id: str, was_active: bool) -> None:
+    """The region that refreshes on its own while a run is active (reads the job's snapshot only)."""
+    with common.guard("The live view"):
+        job = runs.registry().find(runs.session_id(), job_id)
+        if job is None:
+            st.info("This run is no longer available.")
+            return
+        snap = job.snapshot()
+        _progress(snap)
+        _latest_metrics(snap)
+        fig = _figure("curves", (snap["id"], snap["step"]), lambda: plots.training_curves_figure(runs.curves(snap)))
+        st.plotly_chart(fig, key="t_curves")
+        _probe_charts(snap)
+    if was_active and not job.active:
+        st.rerun()  # the run just ended: refresh the buttons, the run list and the Inspect hand-over
+
+
+# -- runs list, comparison, exports -------------------------------------------------------------
+def _pick_run(jobs: list[TrainingJob]) -> TrainingJob | None:
+    if not jobs:
+        return None
+    labels = {j.id: runs.run_label(j, i) for i, j in enumerate(jobs, start=1)}
+    current = st.session_state.get("t_view")
+    if current not in labels:
+        st.session_state["t_view"] = jobs[-1].id
+    view = st.selectbox("Show run", list(reversed(labels)), format_func=labels.get, key="t_view")
+    return next(j for j in jobs if j.id == view)
+
+
+def _compare(jobs: list[TrainingJob]) -> None:
+    ended = [(i, j) for i, j in enumerate(jobs, start=1) if not j.active]
+    if len(ended) < 2:
+        return
+    with st.expander("Compare runs", icon=":material/compare:"):
+        labels = {j.id: runs.run_label(j, i) for i, j in ended}
+        chosen = st.multiselect("Runs", list(labels), format_func=labels.get, key="t_compare",
+                                default=list(labels)[-2:])
+        history = {}
+        for jid in chosen:
+            job = next(j for _, j in ended if j.id == jid)
+            number = labels[jid].split(" ")[0]
+            for name, series in runs.curves(job.snapshot()).items():
+                history[f"{number} {'with' if name == 'residual' else 'without'} skips"] = series
+        st.plotly_chart(plots.training_curves_figure(history), key="t_compare_fig")
+
+
+def _exports(job: TrainingJob) -> None:
+    c1, c2, c3, c4 = st.columns(4)
+    c1.download_button("Config (JSON)", runs.config_json(job), "resviz-config.json", "application/json",
+                       key="t_dl_cfg", on_click="ignore", icon=":material/download:")
+    c2.download_button("Metrics (CSV)", lambda: runs.metrics_csv(job.snapshot()), "resviz-metrics.csv", "text/csv",
+                       key="t_dl_csv", on_click="ignore", icon=":material/download:")
+    for col, role in zip((c3, c4), ("residual", "plain")):
+        if role in job.nets and not job.active:
+            col.download_button(f"{role.capitalize()} checkpoint", lambda r=role: runs.checkpoint_bytes(job, r),
+                                f"resviz-{role}.safetensors", "application/octet-stream", key=f"t_dl_{role}",
+                                on_click="ignore", icon=":material/download:")
+
+
+def render() -> None:
+    st.title("Train the residual net and its plain twin")
+    net = common.net_config()
+    st.caption(f"Net from the Design page (change it there): ResNet-{net.depth} ({net.style}, {net.block.kind} blocks, "
+               f"{net.block.order} order), width {net.width}, {net.input_size}x{net.input_size} inputs, "
+               f"{sum(net.skip_flags)}/{net.num_blocks} skips on. Classes and input channels follow the dataset.")
+    dataset, folder = _dataset_widget()
+    cfg, twin, train_size = _settings()
+    common.set_train_config(cfg, dataset, twin=twin, train_size=train_size, folder=folder)
+    _controls(runs.active_job(), (dataset, folder, cfg, twin, train_size))
+    runs.collect_trained()  # also done by the shared frame; here for when the page runs on its own
+    jobs = runs.session_jobs()
+    job = _pick_run(jobs)
+    if job is None:
+        st.info("Press Start to train. The defaults finish in about a minute on a laptop CPU.")
+        return
+    active = job.active
+    st.fragment(_live_view, run_every=REFRESH_S if active else None)(job.id, active)
+    _exports(job)
+    _compare(jobs)
+
+
+common.run_page(render, "The Train page")

@@ -1,0 +1,49 @@
+"""Shared helpers for the AppTest suites of the Design and Train pages."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from streamlit.testing.v1 import AppTest
+
+ROOT = Path(__file__).resolve().parents[1]
+APP = str(ROOT / "app.py")
+TIMEOUT = 120
+# A net small enough that every page renders in about a second: ResNet-8, width 4, 16x16 inputs.
+TINY = {"d": "8", "w": "4", "r": "16"}
+
+
+def app(params: dict[str, str] | None = None, page: str | None = None) -> AppTest:
+    """The whole app (router, sidebar, URL state) run once, optionally on another page."""
+    at = AppTest.from_file(APP, default_timeout=TIMEOUT)
+    at.query_params.update(params or {})
+    at.run()
+    if page is not None:
+        at.switch_page(page).run()
+    return at
+
+
+def ok(at: AppTest) -> AppTest:
+    """Assert the last run raised nothing and showed no error."""
+    assert not at.exception, at.exception
+    assert not at.error, [e.value for e in at.error]
+    return at
+
+
+def metric(at: AppTest, label: str) -> str:
+    return next(m.value for m in at.metric if m.label == label)
+
+
+def poll(at: AppTest, done: Callable[[AppTest], bool], timeout: float = 90.0, every: float = 0.5) -> AppTest:
+    """Rerun the script until ``done(at)`` (AppTest runs synchronously, so live regions need polling)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        at.run()
+        assert not at.exception, at.exception
+        if done(at):
+            return at
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out; progress: {[p.proto.text for p in at.get('progress')]}")
+        time.sleep(every)
