@@ -189,6 +189,8 @@ class TrainConfig:
     probe_every: int = 10  # steps between instrument readings (0 turns instruments off)
     eval_every: int = 0  # steps between test evaluations (0: once per epoch)
     max_steps: int = 0  # stop after this many steps (0: no cap)
+    momentum: float = 0.9  # SGD (Nesterov) momentum; AdamW uses it as beta1
+    augment: bool = False  # random crop (padding input_size // 8) + horizontal flip of each training batch
 
     def __post_init__(self) -> None:
         _choice("optimizer", self.optimizer, ("sgd", "adamw"))
@@ -203,6 +205,8 @@ class TrainConfig:
             raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.weight_decay < 0:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if not 0.0 <= self.momentum < 1.0:
+            raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
         for name in ("probe_every", "eval_every", "max_steps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
