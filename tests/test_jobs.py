@@ -134,6 +134,9 @@ def test_divergence_keeps_last_good_weights_and_clean_history():
     for key, (steps, values) in snap["history"].items():
         assert np.isfinite(values).all() and steps.max() < bad_step, key
     assert snap["latest"]["residual/loss"] == snap["history"]["residual/loss"][1][-1].item()  # last good values
+    for key, (steps, values) in snap["probes"].items():
+        structural = key in ("plain/ratio", "plain/cosine")  # NaN by design: a plain block has no shortcut
+        assert steps.max() < bad_step and (structural or np.isfinite(values).all()), key
     # the same run stopped one step earlier (constant lr, same seed) has exactly the restored weights
     ref = fit(NET, _data(), TrainConfig(**{**cfg.to_dict(), "max_steps": bad_step - 1}))
     for name, net in job.nets.items():
