@@ -1,0 +1,157 @@
+"""Experiments page: reproduce the residual-network papers live, or open a run directory from the CLI.
+
+A study runs in a background thread (:class:`resviz.experiments.runner.StudyJob`, which never touches
+streamlit); a fragment polls its progress once a second. Results are drawn from the same plain data
+``python -m resviz study`` writes, so the page and the CLI show the same numbers for the same seed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import streamlit as st
+
+from app_pages import common
+from resviz.experiments import BUDGETS, STUDIES
+from resviz.experiments.runner import StudyJob, study_figures
+from resviz.jobs import JobLimitError, JobRegistry
+from resviz.runs import list_runs, load_run
+
+REFRESH_S = 1.0
+BUDGET_HELP = {"small": "about 1-4 minutes on a laptop CPU (the numbers in docs/experiments.md)",
+               "medium": "bigger nets and longer runs: tens of minutes on a CPU, minutes on a GPU"}
+
+
+def runs_root() -> Path:
+    """Where run directories are looked for: ``$RESVIZ_RUNS`` or ``runs/`` beside the app."""
+    return Path(os.environ.get("RESVIZ_RUNS") or Path(__file__).resolve().parent.parent / "runs")
+
+
+# -- jobs -----------------------------------------------------------------------------------------
+@st.cache_resource(show_spinner=False, on_release=lambda reg: reg.shutdown())
+def registry() -> JobRegistry:
+    """Process-wide: at most ``RESVIZ_MAX_JOBS`` studies run at once, one per session."""
+    return JobRegistry(cap=common.max_jobs())
+
+
+def _release(key: tuple[str, JobRegistry]) -> None:
+    key[1].stop_session(key[0])
+
+
+@st.cache_resource(scope="session", on_release=_release, show_spinner=False)
+def _session_handle(session_id: str) -> tuple[str, JobRegistry]:
+    return session_id, registry()
+
+
+def session_id() -> str:
+    """This session's id; ending the session stops its studies."""
+    sid = "study-" + st.session_state[common.SESSION_ID]
+    _session_handle(sid)
+    return sid
+
+
+def current_job() -> StudyJob | None:
+    return registry().get(session_id())
+
+
+def _start(name: str, budget: str, seed: int) -> None:
+    try:
+        registry().submit(session_id(), StudyJob(name, budget, seed, num_threads=1))
+    except JobLimitError as e:
+        st.warning(str(e))
+        return
+    st.rerun()
+
+
+# -- drawing --------------------------------------------------------------------------------------
+def _flat(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows' plain values (nested lists and dicts left out), for ``st.dataframe``."""
+    return [{k: v for k, v in r.items() if not isinstance(v, (list, dict))} for r in rows]
+
+
+def show_result(result: dict[str, Any], key: str) -> None:
+    """Checks, our table beside the paper's, and every figure of a study result."""
+    st.caption(f"{result['paper']} · nets: {result.get('source', '')} · {result.get('time_s', 0):.0f} s")
+    for c in result.get("checks", []):
+        box = st.success if c["holds"] else st.warning
+        box(f"**{'Reproduced' if c['holds'] else 'Not reproduced'}:** {c['claim']}. {c['detail']}")
+    ours, paper = st.columns([3, 2])
+    ours.markdown("**Ours** (built-in `shapes` data)")
+    ours.dataframe(_flat(result["rows"]), hide_index=True, key=f"{key}_rows")
+    paper.markdown("**The paper**")
+    paper.dataframe(_flat(result.get("paper_rows", [])), hide_index=True, key=f"{key}_paper")
+    for name, fig in study_figures(result).items():
+        st.plotly_chart(fig, key=f"{key}_{name}")
+    st.download_button("Download result.json", json.dumps(result, indent=2, sort_keys=True), file_name=f"{result['study']}.json",
+                       mime="application/json", key=f"{key}_download")
+
+
+def _live(job_id: str) -> None:
+    job = current_job()
+    if job is None or job.id != job_id:
+        return
+    snap = job.snapshot()
+    st.progress(min(1.0, snap["progress"]), text=f"{STUDIES[snap['name']].title}: {snap['message'] or 'starting'}")
+    if snap["status"] not in ("pending", "running"):
+        st.rerun()  # the whole page redraws with the result
+
+
+def _job_panel(job: StudyJob | None) -> None:
+    if job is None:
+        return
+    snap = job.snapshot()
+    if snap["status"] in ("pending", "running"):
+        if st.button("Stop", key="x_stop", icon=":material/stop:"):
+            job.stop()
+        st.fragment(_live, run_every=REFRESH_S)(job.id)
+    elif snap["status"] == "failed":
+        st.error(f"The study failed: {snap['error']}")
+    elif snap["status"] == "stopped":
+        st.warning("The study was stopped.")
+    elif snap["result"] is not None:
+        st.subheader(f"{STUDIES[snap['name']].title} ({snap['budget']} budget, seed {snap['seed']})")
+        show_result(snap["result"], key=f"x_{snap['id']}")
+
+
+def _open_run() -> None:
+    root = runs_root()
+    found = list_runs(root)
+    with st.expander(f"Open a run directory (from `python -m resviz`, under {root})", expanded=False):
+        if not found:
+            st.caption(f"No runs under {root} yet. Try `python -m resviz study degradation --out {root}/degradation`.")
+            return
+        path = st.selectbox("Run", found, format_func=lambda p: p.name, key="x_run")
+        run = load_run(path)
+        for note in run.notes:
+            st.caption(note)
+        if run.result is not None and run.result.get("study") in STUDIES:
+            show_result(run.result, key=f"x_run_{path.name}")
+        else:
+            st.json(run.summary or run.config)
+            st.caption(f"{len(run.metrics)} metrics lines, checkpoints: {', '.join(p.name for p in run.checkpoints) or 'none'}")
+
+
+def render() -> None:
+    st.title("Experiments: reproduce the papers")
+    st.caption("Each study re-runs a published experiment on the built-in `shapes` data with a fixed seed and step "
+               "budget, and shows our numbers next to the paper's. The same runs are available headless: "
+               "`python -m resviz study <name> --budget small --seed 0`.")
+    job = current_job()
+    busy = job is not None and job.active
+    c1, c2, c3 = st.columns([3, 1, 1])
+    name = c1.selectbox("Study", list(STUDIES), format_func=lambda n: STUDIES[n].title, key="x_study", disabled=busy)
+    budget = c2.radio("Budget", BUDGETS, key="x_budget", horizontal=True, disabled=busy, help=BUDGET_HELP["small"])
+    seed = int(c3.number_input("Seed", 0, 2**31 - 1, 0, key="x_seed", disabled=busy))
+    st.caption(f"{STUDIES[name].paper}. Budget: {BUDGET_HELP[budget]}.")
+    with st.expander("What this study does"):
+        st.markdown((STUDIES[name].module.__doc__ or "").strip())
+    if st.button("Run", type="primary", key="x_run_button", disabled=busy, icon=":material/play_arrow:"):
+        _start(name, budget, seed)
+    _job_panel(job)
+    _open_run()
+
+
+common.run_page(render, "The Experiments page")

@@ -1,0 +1,127 @@
+"""Degradation (He et al. 2016, Fig. 6): deeper plain nets train worse; residual nets do not.
+
+Residual nets and their plain twins at several CIFAR-style depths train on the same ``shapes`` data
+with the same seed, initialisation (twins share weights at step 0), batches and step budget. The
+deciding number is the *training* error: a deeper plain net can represent everything a shallower one
+can (extra layers could be identities), so a higher training error is an optimisation failure, not
+overfitting. Depths are independent, so under ``torchrun`` they are spread over the processes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import plotly.graph_objects as go
+
+from .. import distributed
+from .common import MEDIUM_TRAINING, Progress, TrainedStudyConfig, as_progress, check, error, thin, timer
+from .figures import curve_panels, lines
+from .twins import train_twins
+
+NAME = "degradation"
+TITLE = "Degradation: plain vs residual at growing depth"
+PAPER = "He, Zhang, Ren, Sun. Deep Residual Learning for Image Recognition. CVPR 2016, Fig. 6 and Table 6"
+# CIFAR-10 test error (%). Residual: Table 6. Plain: read off Fig. 6 (left), approximate.
+PAPER_RESIDUAL = {20: 8.75, 32: 7.51, 44: 7.17, 56: 6.97, 110: 6.43}
+PAPER_PLAIN = {20: 9.5, 32: 10.0, 44: 12.0, 56: 13.5}
+TOLERANCE = 0.03  # "not worse": within 3 points of training error
+
+
+@dataclass(frozen=True, kw_only=True)
+class DegradationConfig(TrainedStudyConfig):
+    depths: tuple[int, ...] = (8, 14, 20, 32, 56)  # CIFAR-style 6n+2 depths
+    train_eval: int = 1000  # training images used to measure training error
+    reference_depth: int = 20  # the paper compares every depth with 20 layers (the shallowest when 20 is absent)
+
+    PRESETS = {
+        "small": {},
+        "medium": {**MEDIUM_TRAINING, "depths": (8, 14, 20, 32, 44, 56)},
+    }
+
+
+def _one_depth(cfg: DegradationConfig, depth: int, progress: Progress) -> dict[str, Any]:
+    data = cfg.data()
+    twins = train_twins(cfg.net(depth, data.num_classes), data, cfg.schedule(), seed=cfg.seed,
+                        device=cfg.device, progress=progress)
+    train_split = (data.train.tensors[0][: cfg.train_eval], data.train.tensors[1][: cfg.train_eval])
+    err = {(n, split): error(net, train_split if split == "train" else data.test)
+           for n, net in twins.nets.items() for split in ("train", "test")}
+    out: dict[str, Any] = {"depth": depth}
+    out.update({f"{n}_{split}_err": err[n, split] for split in ("train", "test") for n in ("residual", "plain")})
+    for name in ("residual", "plain"):
+        out[f"{name}_final_loss"] = float(np.mean(twins.curves[name][-max(1, cfg.steps // 10):]))
+        out[f"{name}_curve"] = thin(twins.curves[name], 60)
+    out["status"] = twins.status + (f": {twins.message}" if twins.message else "")
+    return out
+
+
+def _checks(rows: list[dict[str, Any]], reference: int) -> list[dict[str, Any]]:
+    shallow, deep = next((r for r in rows if r["depth"] == reference), rows[0]), rows[-1]
+    d0, d1 = shallow["depth"], deep["depth"]
+    deep_rows = [r for r in rows if r["depth"] >= 20] or rows[-1:]
+    rho = _spearman([r["depth"] for r in rows], [r["plain_train_err"] for r in rows])
+    return [
+        check(f"plain-{d1} reaches a higher training error than plain-{d0}",
+              deep["plain_train_err"] > shallow["plain_train_err"],
+              f"{deep['plain_train_err']:.1%} vs {shallow['plain_train_err']:.1%}; rank correlation of depth and "
+              f"plain training error {rho:+.2f}"),
+        check(f"ResNet-{d1} trains no worse than ResNet-{d0} (within {TOLERANCE:.0%})",
+              deep["residual_train_err"] <= shallow["residual_train_err"] + TOLERANCE,
+              f"{deep['residual_train_err']:.1%} vs {shallow['residual_train_err']:.1%}"),
+        check("the residual net trains better than its plain twin at every depth from 20 on",
+              all(r["residual_train_err"] < r["plain_train_err"] for r in deep_rows),
+              ", ".join(f"{r['depth']}: {r['residual_train_err']:.1%} vs {r['plain_train_err']:.1%}" for r in deep_rows)),
+    ]
+
+
+def _spearman(x: list[float], y: list[float]) -> float:
+    rx, ry = np.argsort(np.argsort(x)), np.argsort(np.argsort(y))
+    if len(x) < 2 or np.std(rx) == 0 or np.std(ry) == 0:
+        return 0.0
+    return float(np.corrcoef(rx, ry)[0, 1])
+
+
+def run(cfg: DegradationConfig, progress: Any = None) -> dict[str, Any]:
+    """Train every depth's twins; rows hold training/test error of both nets beside the paper's numbers."""
+    if len(cfg.depths) < 2:
+        raise ValueError("the degradation study needs at least two depths")
+    progress, elapsed = as_progress(progress), timer()
+    depths = sorted(cfg.depths)
+    info = distributed.current()
+    mine = [d for i, d in enumerate(depths) if i % info.world_size == info.rank]
+    parts = dict(zip(mine, progress.spans([float(d) for d in mine]), strict=True))
+    results = distributed.sweep(depths, lambda d: _one_depth(cfg, d, parts[d]))
+    rows, curves = [], {}
+    for r in results:
+        curves[r["depth"]] = {k: r.pop(f"{k}_curve") for k in ("plain", "residual")}
+        status = r.pop("status")
+        rows.append({**r, "paper_residual_test_err": _pct(PAPER_RESIDUAL.get(r["depth"])),
+                     "paper_plain_test_err": _pct(PAPER_PLAIN.get(r["depth"])), "status": status})
+    progress(1.0, "done")
+    return {"study": NAME, "title": TITLE, "paper": PAPER, "config": cfg.to_dict(), "rows": rows,
+            "curves": {str(d): c for d, c in curves.items()}, "checks": _checks(rows, cfg.reference_depth),
+            "paper_rows": [{"depth": d, "plain_test_err": _pct(PAPER_PLAIN.get(d)), "residual_test_err": _pct(e)}
+                           for d, e in PAPER_RESIDUAL.items()],
+            "source": f"trained ({cfg.steps} steps each)", "time_s": elapsed()}
+
+
+def _pct(v: float | None) -> float | None:
+    return None if v is None else v / 100
+
+
+def figures(result: dict[str, Any]) -> dict[str, go.Figure]:
+    rows = result["rows"]
+    depths = [r["depth"] for r in rows]
+    err = lines(depths, {"plain (train)": [r["plain_train_err"] for r in rows],
+                         "residual (train)": [r["residual_train_err"] for r in rows],
+                         "plain (paper, CIFAR-10 test)": [r["paper_plain_test_err"] for r in rows],
+                         "residual (paper, CIFAR-10 test)": [r["paper_residual_test_err"] for r in rows]},
+                title="Training error by depth (ours on shapes) and the paper's CIFAR-10 test error",
+                xaxis="depth (layers)", yaxis="error", percent=True)
+    curves = result["curves"]  # keyed by depth as text; JSON files sort keys as text, so order by the rows
+    panels = {name: {f"{d} layers": tuple(curves[str(d)][name]) for d in depths} for name in ("plain", "residual")}
+    training = curve_panels(panels, title="Training loss (darker = deeper), as in He et al. Fig. 6", xaxis="step",
+                          yaxis="training loss (smoothed)")
+    return {"error_by_depth": err, "training_curves": training}

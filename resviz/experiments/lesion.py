@@ -1,0 +1,189 @@
+"""Lesion study (Veit, Wilber, Belongie 2016): residual nets behave like ensembles of shallow paths.
+
+A trained residual net and its plain twin lose one block at a time at test time (``net.set_removed``:
+the block's branch is dropped, ``y = post(S(x))``), then k random blocks at once, and finally have
+pairs of same-shape blocks of a stage swapped. The residual net degrades gracefully; the plain net,
+a single path through every layer, collapses.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import plotly.graph_objects as go
+from torch import nn
+
+from ..plots import lesion_figure
+from ..train import evaluate
+from .common import MEDIUM_TRAINING, Progress, TrainedStudyConfig, as_progress, check, timer
+from .figures import lines
+from .twins import reference_twins
+
+NAME = "lesion"
+TITLE = "Lesion: delete and reorder blocks of a trained net"
+PAPER = "Veit, Wilber, Belongie. Residual Networks Behave Like Ensembles of Relatively Shallow Networks. NeurIPS 2016"
+PAPER_NOTES = [  # read off Figs. 3-5 (CIFAR-10, ResNet-110 vs a 15-layer VGG); qualitative
+    {"experiment": "delete one block", "residual": "error stays near the intact net's (downsampling blocks hurt more)",
+     "plain": "error jumps to chance (about 90% on 10 classes)"},
+    {"experiment": "delete k random blocks", "residual": "error grows smoothly with k", "plain": "-"},
+    {"experiment": "swap blocks (reorder)", "residual": "error grows smoothly with the amount of reordering", "plain": "-"},
+]
+
+
+@dataclass(frozen=True, kw_only=True)
+class LesionConfig(TrainedStudyConfig):
+    depth: int = 20  # ResNet-20 and plain-20: in the small budget both twins train to a similar accuracy
+    source: str = "auto"  # "auto": shipped checkpoints when they match, else train; "train"; "pretrained"
+    eval_size: int = 500  # test images per measurement
+    draws: int = 4  # random block sets (or swap sets) per k
+    max_swaps: int = 4
+
+    PRESETS = {"small": {}, "medium": {**MEDIUM_TRAINING, "depth": 32, "eval_size": 1000, "draws": 8, "max_swaps": 6}}
+
+
+def accuracy(net: nn.Module, x: Any, y: Any) -> float:
+    return evaluate(net, (x, y), batch_size=500)[1]
+
+
+@contextmanager
+def removed(net: nn.Module, blocks: list[int]) -> Iterator[nn.Module]:
+    """Remove the given blocks' branches for the duration (all restored after)."""
+    net.set_removed(blocks)
+    try:
+        yield net
+    finally:
+        net.set_removed([])
+
+
+@contextmanager
+def reordered(net: nn.Module, order: list[int]) -> Iterator[nn.Module]:
+    """Run the blocks in ``order`` (a permutation of their indices) for the duration."""
+    original = net.blocks
+    net.blocks = nn.ModuleList([original[i] for i in order])
+    try:
+        yield net
+    finally:
+        net.blocks = original
+
+
+def swappable(net: nn.Module) -> list[list[int]]:
+    """Per stage, the blocks whose input and output shapes agree (every block but a stage's first)."""
+    stages: dict[int, list[int]] = {}
+    for i, (blk, stage) in enumerate(zip(net.blocks, net.stage_of, strict=True)):
+        if blk.stride == 1 and blk.cin == blk.cout:
+            stages.setdefault(stage, []).append(i)
+    return [v for v in stages.values() if len(v) >= 2]
+
+
+def _random_swaps(groups: list[list[int]], n_blocks: int, k: int, rng: np.random.Generator) -> list[int]:
+    order = list(range(n_blocks))
+    for _ in range(k):
+        group = groups[rng.integers(len(groups))]
+        a, b = rng.choice(group, size=2, replace=False)
+        order[a], order[b] = order[b], order[a]
+    return order
+
+
+def _lesion_curves(nets: dict[str, nn.Module], x: Any, y: Any, cfg: LesionConfig, progress: Progress) -> dict[str, Any]:
+    n = len(nets["residual"].blocks)
+    ks = sorted({int(k) for k in np.linspace(1, n - 1, min(n - 1, 8)).round()})
+    groups = swappable(nets["residual"])
+    rng = np.random.default_rng(cfg.seed)
+    sets = {k: [sorted(rng.choice(n, size=k, replace=False).tolist()) for _ in range(cfg.draws)] for k in ks}
+    swaps = {k: [_random_swaps(groups, n, k, rng) for _ in range(cfg.draws)] for k in range(1, cfg.max_swaps + 1)}
+    out: dict[str, Any] = {"k": ks, "swaps": list(swaps), "single": {}, "random": {}, "reorder": {}}
+    for j, (name, net) in enumerate(nets.items()):
+        part = progress.span(j / len(nets), (j + 1) / len(nets))
+        out["single"][name] = []
+        for i in range(n):
+            with removed(net, [i]):
+                out["single"][name].append(accuracy(net, x, y))
+            part(0.4 * (i + 1) / n, f"{name}: deleting block {i}")
+        out["random"][name] = []
+        for k in ks:
+            out["random"][name].append(float(np.mean([_acc_removed(net, s, x, y) for s in sets[k]])))
+        part(0.7, f"{name}: deleting random blocks")
+        out["reorder"][name] = []
+        for orders in swaps.values():
+            out["reorder"][name].append(float(np.mean([_acc_reordered(net, o, x, y) for o in orders])) if groups else None)
+        part(1.0, f"{name}: reordering blocks")
+    return out
+
+
+def _acc_removed(net: nn.Module, blocks: list[int], x: Any, y: Any) -> float:
+    with removed(net, blocks):
+        return accuracy(net, x, y)
+
+
+def _acc_reordered(net: nn.Module, order: list[int], x: Any, y: Any) -> float:
+    with reordered(net, order):
+        return accuracy(net, x, y)
+
+
+def run(cfg: LesionConfig, progress: Any = None) -> dict[str, Any]:
+    """Lesion and reorder a trained residual/plain pair; rows are per deleted block."""
+    progress, elapsed = as_progress(progress), timer()
+    data = cfg.data()
+    net_cfg = cfg.net(cfg.depth, data.num_classes)
+    train_part, lesion_part = progress.spans([0.7, 0.3])
+    twins = reference_twins(net_cfg, data, cfg.schedule(), seed=cfg.seed, source=cfg.source, device=cfg.device, progress=train_part)
+    x, y = data.test.tensors[0][: cfg.eval_size], data.test.tensors[1][: cfg.eval_size]
+    intact = {name: accuracy(net, x, y) for name, net in twins.nets.items()}
+    curves = _lesion_curves(twins.nets, x, y, cfg, lesion_part)
+    res = twins.nets["residual"]
+    rows = [{"block": i, "stage": res.stage_of[i], "downsampling": res.blocks[i].stride > 1,
+             "residual_acc": curves["single"]["residual"][i], "plain_acc": curves["single"]["plain"][i]}
+            for i in range(len(res.blocks))]
+    progress(1.0, "done")
+    return {"study": NAME, "title": TITLE, "paper": PAPER, "config": cfg.to_dict(), "rows": rows, "intact": intact,
+            "chance": 1.0 / data.num_classes, "curves": curves, "checks": _checks(rows, intact, curves, data.num_classes),
+            "paper_rows": PAPER_NOTES, "source": twins.source, "time_s": elapsed()}
+
+
+def retained(acc: float, intact: float, chance: float) -> float:
+    """The share of the intact net's above-chance accuracy that is left (1: unharmed, 0: chance)."""
+    return (acc - chance) / (intact - chance) if intact > chance else float("nan")
+
+
+def _checks(rows: list[dict], intact: dict[str, float], curves: dict, classes: int) -> list[dict[str, Any]]:
+    chance = 1 / classes
+    inner = [r for r in rows if not r["downsampling"]]
+    kept = {k: float(np.mean([retained(r[f"{k}_acc"], intact[k], chance) for r in inner])) for k in ("residual", "plain")}
+    rand = curves["random"]["residual"]
+    steps = np.diff([intact["residual"], *rand])
+    one = {k: curves["reorder"][k][0] for k in ("residual", "plain")}
+    swap_kept = {k: retained(one[k], intact[k], chance) if one[k] is not None else float("nan") for k in one}
+    return [
+        check("after deleting one non-downsampling block the residual net keeps more of its accuracy than the plain net",
+              kept["residual"] > kept["plain"],
+              f"above-chance accuracy kept: {kept['residual']:.0%} (residual) vs {kept['plain']:.0%} (plain); "
+              f"intact {intact['residual']:.1%} / {intact['plain']:.1%}, chance {chance:.1%}"),
+        check("the plain net collapses to near chance when one block is deleted (keeps under 25%)", kept["plain"] < 0.25,
+              f"plain keeps {kept['plain']:.0%} of its above-chance accuracy on average"),
+        check("the residual net's accuracy falls step by step as random blocks are deleted (no single deletion costs "
+              "more than 60% of its above-chance accuracy)",
+              bool(np.all(steps >= -0.6 * (intact["residual"] - chance))) and rand[-1] < intact["residual"],
+              "accuracy by k: " + ", ".join(f"{k}: {a:.1%}" for k, a in zip(curves["k"], rand, strict=True))),
+        check("swapping two blocks hurts the residual net less than the plain net", swap_kept["residual"] > swap_kept["plain"],
+              f"one swap keeps {swap_kept['residual']:.0%} (residual) vs {swap_kept['plain']:.0%} (plain)"
+              if one["residual"] is not None else "no stage has two same-shape blocks"),
+    ]
+
+
+def figures(result: dict[str, Any]) -> dict[str, go.Figure]:
+    rows, curves = result["rows"], result["curves"]
+    labels = [f"{r['block']}{'*' if r['downsampling'] else ''}" for r in rows]
+    single = lesion_figure(labels, {"residual": [r["residual_acc"] for r in rows], "plain": [r["plain_acc"] for r in rows]},
+                           intact=result["intact"])
+    single.update_layout(xaxis_title="deleted block (* downsampling)")
+    single.update_xaxes(type="category")  # "3*" is not a number: keep every label a category
+    k = lines(curves["k"], {f"{n} (intact {result['intact'][n]:.0%})": curves["random"][n] for n in ("residual", "plain")},
+              title="Deleting k random blocks at once", xaxis="blocks deleted", yaxis="test accuracy", percent=True)
+    k.add_hline(y=result["chance"], line={"dash": "dot", "color": "#9E9E9E"}, annotation_text="chance")
+    swaps = lines(curves["swaps"], {n: curves["reorder"][n] for n in ("residual", "plain")},
+                  title="Swapping random pairs of same-shape blocks", xaxis="swaps", yaxis="test accuracy", percent=True)
+    return {"single_deletion": single, "random_deletions": k, "reordering": swaps}

@@ -1,0 +1,149 @@
+"""Layer responses (He et al. 2016, Fig. 7): residual functions are closer to zero than plain layers.
+
+For trained residual and plain nets at several depths, the response of every 3x3 layer of every
+block's branch is measured on test images in eval mode: the output of the norm that follows the conv
+(before the activation or the addition), or the conv's own output when no norm follows it inside the
+branch (the last conv of a pre-activation block, whose output is F(x) itself, just before ``+ S(x)``).
+Its standard deviation is the per-channel standard deviation over images and positions, averaged
+over channels.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import ExitStack
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import plotly.graph_objects as go
+import torch
+from torch import nn
+
+from ..blocks import Scale
+from .common import MEDIUM_TRAINING, Progress, TrainedStudyConfig, as_progress, check, timer
+from .figures import lines
+from .twins import train_twins
+
+NAME = "responses"
+TITLE = "Layer responses: std of each residual branch"
+PAPER = "He, Zhang, Ren, Sun. Deep Residual Learning for Image Recognition. CVPR 2016, Fig. 7"
+PAPER_NOTES = [  # CIFAR-10, Fig. 7: qualitative
+    {"finding": "ResNets have generally smaller responses than their plain counterparts"},
+    {"finding": "the deeper ResNet has smaller responses (ResNet-110 < ResNet-56 < ResNet-20)"},
+]
+
+
+@dataclass(frozen=True, kw_only=True)
+class ResponsesConfig(TrainedStudyConfig):
+    depths: tuple[int, ...] = (20, 56)
+    eval_size: int = 500
+
+    PRESETS = {"small": {}, "medium": {**MEDIUM_TRAINING, "depths": (20, 56, 110)}}
+
+
+def _taps(block: nn.Module) -> list[nn.Module]:
+    """Modules whose outputs are the block's layer responses: each conv's following norm (or the conv)."""
+    mods = list(block.branch)
+    taps = []
+    for i, m in enumerate(mods):
+        if isinstance(m, nn.Conv2d):
+            nxt = mods[i + 1] if i + 1 < len(mods) else None
+            taps.append(nxt if isinstance(nxt, (nn.BatchNorm2d, nn.GroupNorm)) else m)
+    if isinstance(mods[-1], Scale):  # a residual scale ends F
+        taps[-1] = mods[-1]
+    return taps
+
+
+@torch.no_grad()
+def layer_stds(net: nn.Module, x: torch.Tensor) -> list[list[float]]:
+    """Per block, the std of each layer response of its branch (channel-averaged), in eval mode."""
+    stds: list[list[float]] = [[] for _ in net.blocks]
+
+    def hook(i: int) -> Callable[..., None]:
+        def record(_m: nn.Module, _inp: tuple, out: torch.Tensor) -> None:
+            var = torch.var(out.float(), dim=(0, 2, 3), correction=0)  # (C,)
+            stds[i].append(float(var.mean().sqrt()))
+
+        return record
+
+    was_training = net.training
+    net.eval()
+    with ExitStack() as stack:
+        for i, blk in enumerate(net.blocks):
+            for m in _taps(blk):
+                stack.callback(m.register_forward_hook(hook(i)).remove)
+        try:
+            net(x)
+        finally:
+            net.train(was_training)
+    return stds
+
+
+def _measure(cfg: ResponsesConfig, depth: int, progress: Progress) -> dict[str, Any]:
+    data = cfg.data()
+    twins = train_twins(cfg.net(depth, data.num_classes), data, cfg.schedule(), seed=cfg.seed,
+                        device=cfg.device, progress=progress)
+    x = data.test.tensors[0][: cfg.eval_size]
+    out: dict[str, Any] = {"depth": depth, "status": twins.status}
+    for name, net in twins.nets.items():
+        per_block = layer_stds(net, x)
+        out[f"{name}_layers"] = [s for block in per_block for s in block]
+        out[f"{name}_branch"] = [block[-1] for block in per_block]  # F(x) just before the addition
+    return out
+
+
+def run(cfg: ResponsesConfig, progress: Any = None) -> dict[str, Any]:
+    """Per depth and net: the std of every block's F(x) (the rows and checks) and of every layer response."""
+    progress, elapsed = as_progress(progress), timer()
+    depths = sorted(cfg.depths)
+    measured = [_measure(cfg, d, p) for d, p in zip(depths, progress.spans([float(d) for d in depths]), strict=True)]
+    rows = []
+    for m in measured:
+        for name in ("residual", "plain"):
+            branch, layers = np.asarray(m[f"{name}_branch"]), np.asarray(m[f"{name}_layers"])
+            rows.append({"net": f"{name}-{m['depth']}", "depth": m["depth"], "blocks": len(branch),
+                         "mean_branch_std": float(branch.mean()), "median_branch_std": float(np.median(branch)),
+                         "max_branch_std": float(branch.max()), "mean_layer_std": float(layers.mean())})
+    progress(1.0, "done")
+    series = {f"{name}-{m['depth']}": m[f"{name}_layers"] for m in measured for name in ("residual", "plain")}
+    return {"study": NAME, "title": TITLE, "paper": PAPER, "config": cfg.to_dict(), "rows": rows, "layers": series,
+            "branch": {f"{n}-{m['depth']}": m[f"{n}_branch"] for m in measured for n in ("residual", "plain")},
+            "checks": _checks(rows), "paper_rows": PAPER_NOTES, "source": f"trained ({cfg.steps} steps each)",
+            "time_s": elapsed()}
+
+
+def _checks(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    by = {r["net"]: r["mean_branch_std"] for r in rows}
+    depths = sorted({r["depth"] for r in rows})
+    pairs = ", ".join(f"{d}: {by[f'residual-{d}']:.3f} vs {by[f'plain-{d}']:.3f}" for d in depths)
+    res = [by[f"residual-{d}"] for d in depths]
+    return [
+        check("residual branches respond more weakly than the plain twins' blocks at every depth",
+              all(by[f"residual-{d}"] < by[f"plain-{d}"] for d in depths), f"mean std of F(x) (residual vs plain) {pairs}"),
+        check(f"the deeper ResNet's branches respond more weakly (ResNet-{depths[-1]} < ResNet-{depths[0]})",
+              res[-1] < res[0], ", ".join(f"ResNet-{d}: {v:.3f}" for d, v in zip(depths, res, strict=True))),
+    ]
+
+
+def _dash_deeper(fig: go.Figure, shallowest: int) -> go.Figure:
+    for tr in fig.data:  # deeper nets dotted so each depth pair reads apart
+        if tr.name and not tr.name.endswith(f"-{shallowest}"):
+            tr.line.dash = "dot"
+    return fig
+
+
+def figures(result: dict[str, Any]) -> dict[str, go.Figure]:
+    names = [r["net"] for r in result["rows"]]  # row order: JSON files sort the keys of "branch" and "layers"
+    low = min(r["depth"] for r in result["rows"])
+    out = {}
+    for key, what, unit in (("branch", "each block's F(x), just before the addition", "block"),
+                            ("layers", "each layer response", "layer")):
+        series = {n: result[key][n] for n in names}
+        ranked = {k: sorted(v, reverse=True) for k, v in series.items()}
+        x = list(range(1, max((len(v) for v in series.values()), default=0) + 1))
+        out[f"{key}_std"] = _dash_deeper(lines(x, series, title=f"Std of {what} (He et al. Fig. 7, top)",
+                                               xaxis=f"{unit} index (input to output)", yaxis="std"), low)
+        out[f"{key}_std_sorted"] = _dash_deeper(lines(x, ranked, title=f"Std of {what}, sorted (He et al. Fig. 7, bottom)",
+                                                      xaxis="rank", yaxis="std"), low)
+    return out

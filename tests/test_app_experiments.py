@@ -1,0 +1,46 @@
+"""Experiments page: loads, opens a CLI run directory, runs a study in the background and stops it."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+from apphelpers import ROOT, TINY, app, ok
+
+from resviz.experiments.runner import run_study
+
+PAGE = "app_pages/experiments.py"
+
+
+@pytest.fixture(autouse=True)
+def _importable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.syspath_prepend(str(ROOT))
+
+
+def test_page_opens_a_run_directory_written_by_the_library(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    overrides = {"depths": (8, 14), "pairs": 1, "points": 8, "max_lag": 3, "width": 4}
+    result = run_study("shattered", overrides=overrides, out=tmp_path / "shattered-run", save_figures=False)
+    monkeypatch.setenv("RESVIZ_RUNS", str(tmp_path))
+    at = ok(app(TINY, PAGE))
+    assert at.selectbox(key="x_run").value.name == "shattered-run"
+    charts = at.get("plotly_chart")
+    assert len(charts) == 2  # correlation by depth and by lag
+    shown = [m.value for m in at.success] + [m.value for m in at.warning]
+    assert all(any(c["claim"] in text for text in shown) for c in result["checks"])
+
+
+def test_run_button_starts_a_study_that_stop_ends(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RESVIZ_RUNS", str(tmp_path))
+    at = ok(app(TINY, PAGE))
+    at.selectbox(key="x_study").set_value("shattered").run()
+    at.button(key="x_run_button").click().run()
+    ok(at)
+    assert at.button(key="x_stop") is not None and at.selectbox(key="x_study").disabled
+    at.button(key="x_stop").click().run()
+    deadline = time.monotonic() + 60
+    while not any("stopped" in w.value for w in at.warning):
+        assert time.monotonic() < deadline, "the study did not stop"
+        time.sleep(0.5)
+        at.run()
+    ok(at)
