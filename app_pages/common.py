@@ -227,11 +227,13 @@ ABOUT = (
 
 
 def sidebar() -> None:
-    """The frame shared by every page: device, running job, about."""
+    """The frame shared by every page: device, running job, server load, about."""
     from app_pages import runs  # runs imports this module
 
     auto, _found = devices()
     with st.sidebar:
         st.caption(f"Device: **{auto}** (picked automatically)")
         runs.sync_session()
+        st.caption(runs.server_load(), help="Training runs going on this server for all users; "
+                   "Start is refused while every slot is taken.")
         st.caption(ABOUT)

@@ -204,6 +204,8 @@ def render() -> None:
         st.caption(f"{caption}, as the net sees it ({info.input_size}x{info.input_size}, after preprocessing)")
         if changed:
             st.caption(f"Modified net: {lesion.describe(net)}")
+        for problem in dict.fromkeys(p for p in (shown.problem, intact.problem) if p):
+            st.error(f"Not every number here is finite: {problem}.")
         show_predictions(info, intact, shown, changed)
     show_maps(shown)
     # Lazy tabs: only the open one runs, so attributions cost nothing until someone looks at them.

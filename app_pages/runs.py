@@ -1,8 +1,9 @@
 """App-side helpers for training runs: the shared job registry, per-session cleanup, datasets, exports.
 
 The registry lives in ``st.cache_resource`` (one per server process, capped by ``RESVIZ_MAX_JOBS``).
-Each browser session holds a session-scoped handle whose release stops that session's jobs, so a
-closed tab never leaves a worker training. Nothing here draws on the page.
+Each browser session holds a session-scoped handle whose release stops that session's jobs once the
+session can no longer come back (``server.disconnectedSessionTTL``), so a closed tab never leaves a
+worker training and a dropped connection does not cost the run. Nothing here draws on the page.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import streamlit as st
 from app_pages import common
 from resviz.checkpoints import save_checkpoint
 from resviz.data import DatasetBundle, load_dataset
-from resviz.jobs import JobRegistry, TrainingJob
+from resviz.jobs import JobRegistry, TrainingJob, live_workers
 
 
 @st.cache_resource(show_spinner=False, on_release=lambda reg: reg.shutdown())
@@ -33,19 +34,36 @@ def registry() -> JobRegistry:
 
 @dataclass(frozen=True)
 class SessionHandle:
-    """Ties a browser session to its jobs; releasing it (session end) stops them."""
+    """Ties a browser session to its jobs; releasing it (the session's connection ends) stops them.
+
+    ``grace_s``: how long the jobs keep training after the connection ends. Streamlit releases
+    session-scoped resources as soon as the websocket closes, which a network blip does too, and the
+    browser then reconnects to the same session within ``server.disconnectedSessionTTL``; the next
+    script run of that session reclaims its jobs. A closed tab never comes back, so its jobs stop then.
+    """
 
     session_id: str
     registry: JobRegistry
+    grace_s: float = 0.0
 
 
 def _release(handle: SessionHandle) -> None:
-    handle.registry.stop_session(handle.session_id)
+    handle.registry.release(handle.session_id, handle.grace_s)
+
+
+def session_grace_s() -> float:
+    """Seconds a disconnected session can still come back: the server's ``disconnectedSessionTTL``."""
+    try:
+        return max(0.0, float(st.get_option("server.disconnectedSessionTTL")))
+    except (RuntimeError, TypeError, ValueError):
+        return 120.0
 
 
 @st.cache_resource(scope="session", on_release=_release, show_spinner=False)
 def _session_handle(session_id: str) -> SessionHandle:
-    return SessionHandle(session_id, registry())
+    reg = registry()
+    reg.reclaim(session_id)  # the session reconnected: its jobs go on
+    return SessionHandle(session_id, reg, session_grace_s())
 
 
 def session_id() -> str:
@@ -53,6 +71,11 @@ def session_id() -> str:
     sid = st.session_state[common.SESSION_ID]
     _session_handle(sid)
     return sid
+
+
+def server_load() -> str:
+    """How many training workers this server process runs, against the cap (shown in the sidebar)."""
+    return f"Training on this server: {live_workers()} of {registry().cap} runs"
 
 
 def session_jobs() -> list[TrainingJob]:

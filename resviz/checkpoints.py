@@ -36,6 +36,7 @@ from .models import ResNet, build_net
 FORMAT, VERSION = "resviz-checkpoint", 1
 MAX_CHECKPOINT_BYTES = 1 << 30  # refuse weight files above 1 GiB
 MAX_SIDECAR_BYTES = 1 << 20  # and JSON sidecars above 1 MiB
+MAX_BLOCKS, MAX_INPUT_SIZE = 1024, 1024  # far above any published ResNet (ResNet-1202: 600 blocks)
 _LIST = 8  # names listed per kind of mismatch in an error message
 
 
@@ -262,11 +263,31 @@ def load_weights(net: nn.Module, source: str | os.PathLike | dict[str, torch.Ten
     return net
 
 
-def _build(meta: dict[str, Any], state: dict[str, torch.Tensor]) -> ResNet:
+def _config(meta: dict[str, Any]) -> NetConfig:
+    """The net config a checkpoint describes; any malformed field (wrong type, null block, ...) is refused."""
     try:
         cfg = NetConfig.from_dict(meta["net"])
-    except (ValueError, TypeError) as e:
-        raise CheckpointError(f"the checkpoint's net config is invalid: {e}") from None
+    except Exception as e:  # noqa: BLE001 - the file is untrusted: whatever its fields make the config raise is its fault
+        raise CheckpointError(f"the checkpoint's net config is invalid: {str(e)[:200]}") from None
+    if cfg.num_blocks > MAX_BLOCKS or cfg.input_size > MAX_INPUT_SIZE:
+        raise CheckpointError(f"the checkpoint's net is too large for this app ({cfg.num_blocks} blocks, "
+                              f"{cfg.input_size} px inputs; the limits are {MAX_BLOCKS} and {MAX_INPUT_SIZE})")
+    return cfg
+
+
+def _build(meta: dict[str, Any], state: dict[str, torch.Tensor]) -> ResNet:
+    """Build the described net and load ``state``, checking every shape on a storage-free copy first.
+
+    A config cannot make us allocate more than the weights file holds: the shapes are compared on
+    the ``meta`` device, where a net with a million-channel stage costs no memory.
+    """
+    cfg = _config(meta)
+    try:
+        with torch.device("meta"):
+            shapes = build_net(cfg)
+    except Exception as e:  # noqa: BLE001 - e.g. a float width that validation let through
+        raise CheckpointError(f"the checkpoint's net config cannot be built: {str(e)[:200]}") from None
+    check_state_dict(shapes, state)
     net = build_net(cfg)
     load_weights(net, state)
     return net.eval()

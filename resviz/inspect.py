@@ -120,6 +120,7 @@ class Inspection:
     f_norm: np.ndarray  # (B,) ||F(x)|| per block (0 for a removed block)
     s_norm: np.ndarray  # (B,) ||S(x)|| per block (0 when the skip is off)
     maps: BlockMaps | None  # feature maps of the requested block
+    problem: str = ""  # where NaN/Inf entered this pass, in user-facing words; "" when every number is finite
 
 
 def label_of(classes: Sequence[str] | None, i: int) -> str:
@@ -198,7 +199,31 @@ def inspect_image(
         probs = net(x).float().softmax(1)[0].cpu().numpy()  # (K,)
         m = mags.result()
         maps = _block_maps(acts.result()[0], block, channels, channel_order, channel_start) if acts else None
-    return Inspection(probs, top_k(probs, classes, k), m["f_norm"][-1].numpy(), m["s_norm"][-1].numpy(), maps)
+        f_norm, s_norm = m["f_norm"][-1].numpy(), m["s_norm"][-1].numpy()
+        problem = nonfinite_problem(net, x, f_norm, s_norm, probs)
+    return Inspection(probs, top_k(probs, classes, k), f_norm, s_norm, maps, problem)
+
+
+def nonfinite_problem(net: nn.Module, x: torch.Tensor, f_norm: np.ndarray, s_norm: np.ndarray, probs: np.ndarray) -> str:
+    """Where NaN/Inf entered one forward pass, in user-facing words ("" when all of it is finite).
+
+    The weights are searched only when a symptom shows (a non-finite norm or probability), so a clean
+    pass costs nothing extra; the first cause found is named: the input, the weights, or an overflow.
+    """
+    bad_in = int((~torch.isfinite(x)).sum())
+    if bad_in:
+        return (f"the input image holds {bad_in} NaN/Inf value{'s' if bad_in != 1 else ''}, so the predictions and maps "
+                "computed from it are meaningless")
+    blocks = np.flatnonzero(~(np.isfinite(f_norm) & np.isfinite(s_norm)))
+    if not len(blocks) and np.isfinite(probs).all():
+        return ""
+    named = (*net.named_parameters(), *net.named_buffers())
+    tensors = [n for n, t in named if t.is_floating_point() and not torch.isfinite(t).all()]
+    if tensors:
+        more = f" and {len(tensors) - 3} more" if len(tensors) > 3 else ""
+        return f"the net's weights hold NaN/Inf values ({', '.join(tensors[:3])}{more}), so its outputs are meaningless"
+    where = f"from block {int(blocks[0])} on" if len(blocks) else "in the classifier"
+    return f"the activations overflow to NaN/Inf {where}: the weights or the input are too large for float32"
 
 
 def predict(net: ResNet, x: torch.Tensor, lesion: Lesion = INTACT) -> np.ndarray:

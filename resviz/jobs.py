@@ -36,6 +36,7 @@ from .config import NetConfig, TrainConfig
 from .train import Trainer, build_nets
 
 ACTIVE = ("pending", "running", "paused")
+WORKER_PREFIX = "resviz-job-"  # name prefix of every training worker thread
 STATUSES = (*ACTIVE, "stopped", "finished", "diverged", "failed")
 
 
@@ -119,7 +120,7 @@ class TrainingJob:
             if self._thread is not None or self._status != "pending":
                 return self
             self._status, self._started = "running", time.time()
-            self._thread = threading.Thread(target=self._run, name=f"resviz-job-{self.id}", daemon=True)
+            self._thread = threading.Thread(target=self._run, name=f"{WORKER_PREFIX}{self.id}", daemon=True)
             self._thread.start()
         return self
 
@@ -248,6 +249,11 @@ class TrainingJob:
             self._go.set()
 
 
+def live_workers() -> int:
+    """Training worker threads alive in this process, in any registry (a stopped job's until it has ended)."""
+    return sum(t.name.startswith(WORKER_PREFIX) and t.is_alive() for t in threading.enumerate())
+
+
 def default_threads() -> int:
     """Usable cores minus one (at least 1): on a small box the web server keeps a core."""
     try:
@@ -278,6 +284,7 @@ class JobRegistry:
         self.cap, self.keep = cap, keep
         self._lock = threading.Lock()
         self._jobs: OrderedDict[str, list[TrainingJob]] = OrderedDict()
+        self._releases: dict[str, threading.Timer] = {}  # sessions whose jobs stop when the timer fires
 
     def submit(self, session_id: str, job: TrainingJob) -> TrainingJob:
         """Start ``job`` for the session, or return the session's already active job (double click).
@@ -337,10 +344,55 @@ class JobRegistry:
         for j in jobs:
             j.join(max(0.0, deadline - time.monotonic()))
 
+    def release(self, session_id: str, grace: float = 0.0) -> None:
+        """Stop the session's jobs after ``grace`` seconds unless :meth:`reclaim` comes first.
+
+        A browser whose connection drops reconnects to the same session within the server's session
+        timeout; its training should survive that, while a closed tab's training should not outlive it.
+        """
+        with self._lock:
+            has_jobs = bool(self._jobs.get(session_id))
+        if grace <= 0 or not has_jobs:  # most sessions never train: they need no timer thread
+            self.reclaim(session_id)
+            self.stop_session(session_id)
+            return
+        timer = threading.Timer(grace, self._release_due, args=(session_id,))
+        timer.name, timer.daemon = f"resviz-release-{session_id[:12]}", True
+        with self._lock:
+            old = self._releases.pop(session_id, None)
+            self._releases[session_id] = timer
+        if old is not None:
+            old.cancel()
+        timer.start()
+
+    def reclaim(self, session_id: str) -> bool:
+        """Cancel a pending :meth:`release` (the session is back); True if one was pending."""
+        with self._lock:
+            timer = self._releases.pop(session_id, None)
+        if timer is not None:
+            timer.cancel()
+        return timer is not None
+
+    def pending_releases(self) -> list[str]:
+        """Sessions whose jobs are due to stop."""
+        with self._lock:
+            return list(self._releases)
+
+    def _release_due(self, session_id: str) -> None:
+        with self._lock:
+            timer = self._releases.get(session_id)
+            if timer is None or timer is not threading.current_thread():
+                return  # reclaimed, or released again with a new timer
+            del self._releases[session_id]
+        self.stop_session(session_id)
+
     def shutdown(self, timeout: float = 10.0) -> None:
         """Stop every job and wait for the workers."""
         with self._lock:
             sessions = list(self._jobs)
+            timers, self._releases = list(self._releases.values()), {}
+        for timer in timers:
+            timer.cancel()
         for sid in sessions:
             self.stop_session(sid, timeout=timeout)
 

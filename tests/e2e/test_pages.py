@@ -1,0 +1,191 @@
+"""Real browser against `streamlit run app.py`: every page renders, training goes live, Inspect reacts, links reproduce.
+
+Screenshots of each step land in artifacts/screenshots/ (gitignored) for a look after a failure.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from e2ehelpers import (
+    PLOT,
+    ROOT,
+    TINY,
+    TINY_RUN,
+    assert_no_exception,
+    error_texts,
+    location,
+    open_page,
+    page_url,
+    plot_data,
+    poll,
+    screenshot,
+    wait_idle,
+)
+from PIL import Image
+
+pytestmark = pytest.mark.browser
+PlaywrightTimeout = pytest.importorskip("playwright.sync_api").TimeoutError
+
+# Widget values of the main area: aria-label -> what the widget shows (text, slider value, checked state, tags).
+WIDGETS_JS = """() => {
+  const out = {};
+  for (const el of document.querySelectorAll('[data-testid="stMain"] input')) {
+    const label = el.getAttribute('aria-label');
+    if (!label) continue;
+    let v = el.type === 'range' ? el.getAttribute('aria-valuetext') : el.type === 'checkbox' ? String(el.checked) : el.value;
+    if (el.getAttribute('role') === 'combobox') {
+      const tags = el.closest('[data-testid="stMultiSelectTagsContainer"]');
+      if (tags) v = tags.innerText;
+    }
+    out[label] = v;
+  }
+  return out;
+}"""
+
+
+def _curves(page) -> dict | None:
+    """The Train page's training-curves chart as {trace name: y values} (first trace of each name)."""
+    for p in plot_data(page):
+        if p["title"] == "Training curves":
+            out: dict[str, list] = {}
+            for t in p["traces"]:
+                out.setdefault(t["name"], t["y"])
+            return out
+    return None
+
+
+def _train_points(page) -> int:
+    curves = _curves(page)
+    return len(curves.get("residual train", [])) if curves else 0
+
+
+def _topk(page) -> dict[str, list] | None:
+    """Top-k chart: {trace name: [(class, probability)]}."""
+    chart = next((p for p in plot_data(page) if p["title"].startswith("Top-")), None)
+    if chart is None:
+        return None
+    return {t["name"]: list(zip(t["y"], t["x"], strict=True)) for t in chart["traces"]}
+
+
+def _choose(page, combobox: str, option: str) -> None:
+    """Pick ``option`` in the selectbox or multiselect labelled ``combobox`` and wait until the pick holds.
+
+    The list is opened from the keyboard (a click may scroll the page first, and the list closes on
+    scroll); if a rerun swallowed the key press, typing the option's text opens the filtered list.
+    """
+    box = page.get_by_role("combobox", name=combobox, exact=True)
+    box.scroll_into_view_if_needed()
+    item = page.get_by_role("option", name=option, exact=True)
+    for attempt in range(4):
+        box.focus()
+        if attempt % 2:
+            box.fill(option)
+        else:
+            page.keyboard.press("ArrowDown")
+        try:
+            item.click(timeout=5000)
+            break
+        except PlaywrightTimeout:
+            page.keyboard.press("Escape")
+            wait_idle(page)
+    else:
+        raise AssertionError(f"{option!r} never appeared in {combobox!r}")
+    if box.get_attribute("aria-expanded") == "true":  # a multiselect's list stays open after a pick
+        page.keyboard.press("Escape")
+    box.blur()
+    tags = page.locator('[data-testid="stMultiSelectTagsContainer"]').filter(has=box)
+    poll(lambda: option in (tags.inner_text() if tags.count() else box.input_value()), 30, what=f"{combobox} = {option}")
+
+
+@pytest.mark.parametrize(
+    ("path", "title", "charts"),
+    [("", "Design a residual network", 3), ("train", "Train the residual net", 0), ("inspect", "Inspect", 3),
+     ("experiments", "Experiments", 0)],
+)
+def test_page_renders_without_exception(server, page, path: str, title: str, charts: int) -> None:
+    if path == "experiments" and not (ROOT / "app_pages" / "experiments.py").is_file():
+        pytest.skip("the Experiments page is not part of this build")
+    open_page(page, page_url(server.url, path, TINY), "h1")
+    if charts:
+        poll(lambda: page.locator(PLOT).count() >= charts, 90, what=f"{charts} charts")
+    screenshot(page, f"page-{path or 'design'}")
+    assert title in page.locator("h1").first.inner_text()
+    assert_no_exception(page)
+    assert error_texts(page) == []
+    for chart in plot_data(page):  # every chart that drew has at least one trace
+        assert chart["traces"], chart["title"]
+
+
+def test_start_makes_the_loss_chart_grow_and_stop_ends_it(server, page) -> None:
+    open_page(page, page_url(server.url, "train", {**TINY_RUN, "ep": "30"}), "h1")
+    page.get_by_role("button", name="Start").click()
+    first = poll(lambda: _train_points(page), 90, what="the first loss points")
+    later = poll(lambda: (n := _train_points(page)) > first and n, 90, what="more loss points")
+    assert later > first > 0
+    screenshot(page, "train-live")
+    curves = _curves(page)
+    for name in ("residual train", "plain train"):
+        assert all(v is not None and math.isfinite(v) for v in curves[name]), name
+    page.get_by_role("button", name="Stop").click()
+    poll(lambda: "Training was stopped" in page.inner_text("body"), 60, what="the stopped message")
+    poll(lambda: page.get_by_role("button", name="Start").is_enabled(), 60, what="Start to be enabled again")
+    assert_no_exception(page)
+
+
+def test_inspect_upload_shows_maps_and_a_skip_lesion_changes_predictions(server, page, tmp_path) -> None:
+    png = tmp_path / "stripes.png"
+    stripes = np.zeros((48, 48, 3), np.uint8)
+    stripes[:, ::6] = (250, 40, 40)
+    stripes[::8] = (30, 200, 90)
+    Image.fromarray(stripes).save(png)
+    open_page(page, page_url(server.url, "inspect", TINY), "h1")
+    page.get_by_text("Design-page net, untrained", exact=True).click()
+    wait_idle(page)
+    page.get_by_text("Upload", exact=True).click()
+    page.locator('[data-testid="stFileUploaderDropzoneInput"]').set_input_files(str(png))
+    poll(lambda: "stripes.png" in page.inner_text("body") and _topk(page), 90, what="predictions for the upload")
+    poll(lambda: sum("residual branch" in p["title"] for p in plot_data(page)), 60, what="the F(x) feature maps")
+    wait_idle(page)
+    titles = [p["title"] for p in plot_data(page)]
+    assert any("F(x)" in t for t in titles) and any("S(x)" in t for t in titles), titles
+    before = _topk(page)
+    assert len(before) == 1, before  # no lesion: one set of bars
+    screenshot(page, "inspect-upload")
+
+    _choose(page, "Skip connection off (plain block)", "block 0 (stage 1, 4 ch)")
+    after = poll(lambda: (t := _topk(page)) and len(t) == 2 and t, 90, what="the modified vs intact bars")
+    wait_idle(page)
+    after = _topk(page)
+    screenshot(page, "inspect-skip-off")
+    assert_no_exception(page)
+    intact = dict(next(iter(before.values())))
+    modified = dict(after["modified"])
+    assert dict(after["intact"]) == {k: intact[k] for k in dict(after["intact"])}  # the intact net is unchanged
+    shared = set(intact) & set(modified)
+    assert set(modified) != set(intact) or any(abs(modified[c] - intact[c]) > 1e-6 for c in shared), (intact, modified)
+    assert "Modified net" in page.inner_text("body")
+
+
+def test_link_of_a_configured_design_reproduces_it_in_a_new_context(server, new_context) -> None:
+    a = new_context().new_page()
+    open_page(a, page_url(server.url, "", {"d": "56", "w": "4"}), PLOT)
+    _choose(a, "Block", "bottleneck")
+    wait_idle(a)
+    _choose(a, "Order", "(e) full pre-activation")
+    poll(lambda: {"k=bottleneck", "o=pre"} <= set(location(a).split("?")[1].split("&")), 60, what="the URL to follow the widgets")
+    wait_idle(a)
+    link, want = location(a), a.evaluate(WIDGETS_JS)
+    assert want["Block"] == "bottleneck" and "56" in want["Depth (layers)"], want
+    screenshot(a, "design-configured")
+
+    b = new_context().new_page()  # a new context is a new Streamlit session: only the URL carries the config
+    open_page(b, link, PLOT)
+    screenshot(b, "design-from-link")
+    assert_no_exception(b)
+    got = b.evaluate(WIDGETS_JS)
+    assert got == want
+    assert location(b) == link
+
