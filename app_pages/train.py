@@ -5,11 +5,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import replace
 
-import numpy as np
 import plotly.graph_objects as go
 import streamlit as st
 
-from app_pages import common, runs
+from app_pages import common, runs, train_live
 from app_pages.help_text import HELP
 from resviz import TrainConfig, plots
 from resviz.data import DATASETS, DatasetUnavailable, available_datasets
@@ -17,6 +16,7 @@ from resviz.jobs import ACTIVE, JobLimitError, TrainingJob
 
 BATCH_SIZES = (16, 32, 64, 128, 256)
 TRAIN_SIZES = (500, 1000, 2000, 3000, 5000, 10000)
+LR_RANGE, EPOCH_RANGE, SEED_RANGE = (1e-5, 2.0), (0.1, 50.0), (0, 2**31 - 1)  # the number boxes' limits
 REFRESH_S = 1.0  # live charts refresh once a second while a run is active
 FOLDER = "imagefolder"
 STATUS_BOX = {"finished": st.success, "stopped": st.warning, "diverged": st.error, "failed": st.error}
@@ -43,6 +43,19 @@ def _dataset_widget() -> tuple[str, str]:
     return name, folder
 
 
+def _clamp_seeded(key: str, label: str, lo: float, hi: float) -> None:
+    """Bring a linked value into its number box's range, and say so.
+
+    Streamlit replaces an out-of-range value by the box's minimum without a word, so a link asking for
+    200 epochs would silently train for 0.1.
+    """
+    value = st.session_state[key]
+    if not lo <= value <= hi:
+        st.session_state[key] = type(value)(min(max(value, lo), hi))
+        st.warning(f"The link's {label} {value:g} is outside what this page allows ({lo:g} to {hi:g}); "
+                   f"{st.session_state[key]:g} is used instead.")
+
+
 def _settings() -> tuple[TrainConfig, bool, int]:
     """Optimisation widgets; returns the training config, whether to train the plain twin, train size."""
     cfg = common.train_config()
@@ -51,13 +64,16 @@ def _settings() -> tuple[TrainConfig, bool, int]:
                        "t_seed": cfg.seed, "t_device": cfg.device if cfg.device in ["auto", *found] else "auto",
                        "t_twin": st.session_state[common.TWIN], "t_n": st.session_state[common.TRAIN_SIZE]}.items():
         common.widget_default(key, value)
+    for key, label, (lo, hi) in (("t_lr", "learning rate", LR_RANGE), ("t_epochs", "epochs", EPOCH_RANGE),
+                                 ("t_seed", "seed", SEED_RANGE)):
+        _clamp_seeded(key, label, lo, hi)
     c1, c2, c3 = st.columns(3)
     opt = c1.selectbox("Optimizer", ("sgd", "adamw"), key="t_opt", help=HELP["optimizer"])
-    lr = c2.number_input("Learning rate", 1e-5, 2.0, step=0.01, format="%.4f", key="t_lr", help=HELP["lr"])
-    epochs = c3.number_input("Epochs", 0.1, 50.0, step=0.5, key="t_epochs", help=HELP["epochs"])
+    lr = c2.number_input("Learning rate", *LR_RANGE, step=0.01, format="%.4f", key="t_lr", help=HELP["lr"])
+    epochs = c3.number_input("Epochs", *EPOCH_RANGE, step=0.5, key="t_epochs", help=HELP["epochs"])
     bs = c1.select_slider("Batch size", _with(BATCH_SIZES, "t_bs"), key="t_bs", help=HELP["batch_size"])
     n = c2.select_slider("Training images", _with(TRAIN_SIZES, "t_n"), key="t_n", help=HELP["train_size"])
-    seed = c3.number_input("Seed", 0, 2**31 - 1, key="t_seed", help=HELP["seed"])
+    seed = c3.number_input("Seed", *SEED_RANGE, key="t_seed", help=HELP["seed"])
     device = c1.selectbox("Device", ["auto", *found], key="t_device", help=HELP["device"],
                           format_func=lambda d: f"auto ({auto})" if d == "auto" else d)
     twin = c2.toggle("Train the plain twin alongside", key="t_twin", help=HELP["twin"])
@@ -81,19 +97,13 @@ def _start(dataset: str, folder: str, cfg: TrainConfig, twin: bool, train_size: 
     try:
         bundle = runs.load_bundle(name, net_cfg.input_size, train_size, cfg.seed)
         net_cfg = common.with_dataset_shape(net_cfg, bundle.num_classes, bundle.channels)
-        cfg = replace(cfg, eval_every=_eval_every(len(bundle.train), cfg))
+        cfg = replace(cfg, eval_every=train_live.eval_every(len(bundle.train), cfg))
         runs.registry().submit(runs.session_id(), TrainingJob(net_cfg, bundle, cfg, twin=twin))
     except (DatasetUnavailable, JobLimitError, ValueError) as e:
         st.error(str(e))
         return
     st.session_state["t_view"] = None  # show the new run
     st.rerun()
-
-
-def _eval_every(n_train: int, cfg: TrainConfig) -> int:
-    """About 20 test evaluations per run, so the test curves fill in while the run goes on."""
-    steps = cfg.epochs * max(1, n_train // min(cfg.batch_size, n_train))
-    return max(5, round(steps / 20))
 
 
 def _controls(job: TrainingJob | None, start_args: tuple) -> None:
@@ -142,25 +152,19 @@ def _figure(name: str, version: tuple, build: Callable[[], go.Figure]) -> go.Fig
     return store[name][1]
 
 
-def _flow_figure(name: str, steps: np.ndarray, values: np.ndarray) -> go.Figure:
-    fig = plots.grad_flow_heatmap(steps, [f"b{i}" for i in range(values.shape[1])], values.T)
-    return fig.update_layout(title=f"Gradient flow per block: {name}")
-
-
 def _probe_charts(snap: dict) -> None:
     names = snap["names"]
     cols = st.columns(len(names) or 1)
     for col, name in zip(cols, names):
-        steps, values = snap["probes"].get(f"{name}/grad_block", (None, None))
-        if steps is None:
+        key = f"{name}/grad_block"
+        if key not in snap["probes"]:
             col.info("Gradient readings appear after the first probed step.")
             continue
-        fig = _figure(f"flow_{name}", (snap["id"], len(steps)), lambda n=name, s=steps, v=values: _flow_figure(n, s, v))
+        fig = _figure(f"flow_{name}", train_live.probe_version(snap, key),
+                      lambda n=name: train_live.flow_figure(snap, n))
         col.plotly_chart(fig, key=f"t_flow_{name}")
-    steps, ratios = snap["probes"].get("residual/ratio", (None, None))
-    if steps is not None:
-        names = [f"b{i}" for i in range(ratios.shape[1])]
-        fig = _figure("ratio", (snap["id"], len(steps)), lambda: plots.ratio_figure(steps, ratios, block_names=names))
+    if "residual/ratio" in snap["probes"]:
+        fig = _figure("ratio", train_live.probe_version(snap, "residual/ratio"), lambda: train_live.ratio_figure(snap))
         st.plotly_chart(fig, key="t_ratio")
 
 
@@ -174,7 +178,7 @@ def _live_view(job_id: str, was_active: bool) -> None:
         snap = job.snapshot()
         _progress(snap)
         _latest_metrics(snap)
-        fig = _figure("curves", (snap["id"], snap["step"]), lambda: plots.training_curves_figure(runs.curves(snap)))
+        fig = _figure("curves", (snap["id"], snap["step"]), lambda: train_live.curves_figure(snap))
         st.plotly_chart(fig, key="t_curves")
         _probe_charts(snap)
     if was_active and not job.active:

@@ -11,10 +11,41 @@ from torch import nn
 from .base import Probe, Rows, Tensor
 
 
-def _stats(x: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-sample flattened float32 view and its L2 norms: (N, D), (N,)."""
-    flat = x.detach().flatten(1).float()
+def _per_sample(x: Tensor, channels_last: bool) -> Tensor:
+    """``x`` as one float32 row per sample, (N, D), in NHWC element order when ``channels_last``.
+
+    Flattening a channels-last map in NCHW order copies it; reading it in its own memory order is a
+    view. A per-sample norm or dot product does not depend on the order as long as both operands use
+    the same one (``channels_last`` is decided once per block, from F(x)).
+    """
+    x = x.detach()
+    if channels_last and x.dim() == 4:
+        x = x.permute(0, 2, 3, 1)  # (N, H, W, C): a view of the same memory for channels-last maps
+    return x.reshape(x.shape[0], -1).float()
+
+
+def _is_channels_last(x: Tensor) -> bool:
+    return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+
+
+def _stats(x: Tensor, channels_last: bool) -> tuple[Tensor, Tensor]:
+    """Per-sample rows and their L2 norms: (N, D), (N,)."""
+    flat = _per_sample(x, channels_last)
     return flat, torch.linalg.vector_norm(flat, dim=1)
+
+
+def channel_var_mean(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Population variance and mean of each channel of an ``(N, C, H, W)`` map over N, H, W: (C,), (C,).
+
+    Two passes (mean, then mean squared deviation) instead of ``torch.var_mean(dim=(0, 2, 3))``, whose
+    CPU kernel is about 7x slower on these shapes in either memory layout (9.4 ms against 1.2 ms for
+    a (128, 16, 32, 32) map on one core of the development box). Agrees with it to float32 rounding.
+    """
+    x = x.detach().float()
+    dims = (0, *range(2, x.dim()))
+    mean = x.mean(dims, keepdim=True)  # (1, C, 1, 1)
+    var = (x - mean).square().mean(dims)
+    return var, mean.flatten()
 
 
 class BranchMagnitudes(Probe):
@@ -50,13 +81,14 @@ class BranchMagnitudes(Probe):
         ref = f if f is not None else s
         zero = torch.zeros((), device=ref.device)
         nan = torch.full((), math.nan, device=ref.device)
-        ff, fn = _stats(f) if f is not None else (None, None)
-        ss, sn = _stats(s) if s is not None else (None, None)
+        cl = _is_channels_last(ref)
+        ff, fn = _stats(f, cl) if f is not None else (None, None)
+        ss, sn = _stats(s, cl) if s is not None else (None, None)
         f_norm = fn.mean() if fn is not None else zero
         s_norm = sn.mean() if sn is not None else zero
         if ff is None or ss is None:
             return f_norm, s_norm, (zero if ss is not None else nan), nan
-        cos = (ff * ss).sum(1) / (fn * sn).clamp_min(torch.finfo(torch.float32).tiny)
+        cos = torch.linalg.vecdot(ff, ss) / (fn * sn).clamp_min(torch.finfo(torch.float32).tiny)  # no (N, D) temporary
         return f_norm, s_norm, f_norm / s_norm, cos.mean()
 
     def _collect(self, clear: bool) -> dict[str, Tensor]:
@@ -86,7 +118,7 @@ class SignalProp(Probe):
     def _out_hook(self, i: int) -> Callable[..., None]:
         def hook(_m: nn.Module, _inputs: tuple, out: Tensor) -> None:
             if self._on:
-                var, mean = torch.var_mean(out.detach().float(), dim=(0, 2, 3), correction=0)
+                var, mean = channel_var_mean(out)
                 self._rows.put(0, i, mean.square().mean())
                 self._rows.put(1, i, var.mean())
 
@@ -96,7 +128,7 @@ class SignalProp(Probe):
         def hook(_m: nn.Module, inputs: tuple, _out: Tensor) -> None:
             f = inputs[0]
             if self._on and f is not None:
-                self._rows.put(2, i, torch.var(f.detach().float(), dim=(0, 2, 3), correction=0).mean())
+                self._rows.put(2, i, channel_var_mean(f)[0].mean())
 
         return hook
 

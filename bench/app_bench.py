@@ -1,0 +1,274 @@
+"""The app rows of the benchmark: the real app under a real browser, the live charts' payload, and
+the time to accuracy of the Train page's default run.
+
+The Train page's defaults, dataset loading, evaluation interval and charts are imported from the app
+itself (``app_pages.common``, ``app_pages.runs``, ``app_pages.train_live``), so the headless runs
+and the simulated payload are exactly what a user's browser session gets.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from timing import Row
+
+from app_pages import common, runs, train_live
+from resviz.jobs import Series, TrainingJob
+
+ROOT = Path(__file__).resolve().parents[1]
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run", "--disable-dev-shm-usage"]
+# docs/app.md, "Defaults and what they achieve": final test accuracy of the default run (seed 0).
+STATED = {"residual": 0.591, "plain": 0.158}
+TTA_LIMIT_S = 60.0
+PAYLOAD_LIMIT_KB = 300.0
+PROGRESS = re.compile(r"step (\d+)/(\d+) · epoch [\d.]+ · (\d+) images/s")
+
+
+def default_probe_every() -> int:
+    return common.DEFAULT_TRAIN.probe_every
+
+
+# -- the default run, headless ----------------------------------------------------------------------
+def default_job() -> tuple[TrainingJob, float]:
+    """The job the Train page's Start button submits with the defaults, and the seconds to load its data."""
+    t0 = time.perf_counter()
+    bundle = runs.load_bundle(common.DEFAULT_DATASET, common.DEFAULT_NET.input_size, common.DEFAULT_TRAIN_SIZE,
+                              common.DEFAULT_TRAIN.seed)
+    load_s = time.perf_counter() - t0
+    net_cfg = common.with_dataset_shape(common.DEFAULT_NET, bundle.num_classes, bundle.channels)
+    cfg = replace(common.DEFAULT_TRAIN, eval_every=train_live.eval_every(len(bundle.train), common.DEFAULT_TRAIN))
+    return TrainingJob(net_cfg, bundle, cfg, twin=True), load_s
+
+
+def run_headless() -> dict[str, Any]:
+    """Run the default job in this process (worker thread, as in the app) and sample it once a second."""
+    job, load_s = default_job()
+    t0 = time.perf_counter()
+    job.start()
+    samples = []
+    while job.active:
+        time.sleep(1.0)
+        snap = job.snapshot()
+        if snap["step"] > 0 and snap["status"] == "running":
+            samples.append((snap["step"], snap["images_per_s"]))
+    job.join()
+    wall = time.perf_counter() - t0
+    snap = job.snapshot()
+    return {"wall_s": wall, "load_s": load_s, "status": snap["status"], "steps": snap["step"],
+            "ips": _steady(samples, snap["total_steps"]),
+            "acc": {n: snap["latest"].get(f"{n}/test_acc", float("nan")) for n in snap["names"]}}
+
+
+def _steady(samples: list[tuple[int, float]], total: int) -> float:
+    """Median images/s reading once the run is past its first 10% (the EMA has settled)."""
+    late = [ips for step, ips in samples if step >= 0.1 * total] or [ips for _, ips in samples]
+    return statistics.median(late) if late else float("nan")
+
+
+# -- the app under a browser ------------------------------------------------------------------------
+class AppServer:
+    """`streamlit run app.py` on a free localhost port, in its own process group."""
+
+    def __init__(self, runs_dir: str) -> None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        cmd = [sys.executable, "-m", "streamlit", "run", str(ROOT / "app.py"), "--server.headless", "true",
+               "--server.port", str(self.port), "--server.address", "127.0.0.1"]
+        self.log = open(Path(runs_dir) / "streamlit.log", "w")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "RESVIZ_RUNS": runs_dir}, stdout=self.log,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def wait_healthy(self, timeout: float = 90.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"streamlit exited with {self.proc.returncode}")
+            try:
+                with urllib.request.urlopen(f"{self.url}/_stcore/health", timeout=5) as r:  # noqa: S310 - localhost
+                    if r.read().strip() == b"ok":
+                        return
+            except OSError:
+                pass
+            time.sleep(0.3)
+        raise TimeoutError("the app did not answer its health check")
+
+    def peak_rss_mb(self) -> float:
+        """VmHWM of the server process: the most resident memory it has held."""
+        with open(f"/proc/{self.proc.pid}/status") as f:
+            kb = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+        return kb / 1024
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+        self.log.close()
+
+
+def run_in_browser(browser: Any, server: AppServer, timeout_s: float = 600.0) -> dict[str, Any]:
+    """Open the Train page, press Start, read the progress line once a second until the run ends."""
+    ctx = browser.new_context(viewport={"width": 1400, "height": 1000})
+    try:
+        page = ctx.new_page()
+        page.set_default_timeout(120_000)
+        received = [0]
+        lock = threading.Lock()
+
+        def count(payload: bytes | str) -> None:
+            with lock:
+                received[0] += len(payload)
+
+        page.on("websocket", lambda ws: ws.on("framereceived", count))
+        page.goto(f"{server.url}/train")
+        start = page.get_by_role("button", name="Start")
+        start.wait_for()
+        page.wait_for_function("() => !document.querySelector('[data-testid=\"stStatusWidget\"]')")
+        before, t0 = received[0], time.perf_counter()
+        start.click()
+        samples, total, text = [], 0, ""
+        while time.perf_counter() - t0 < timeout_s:
+            time.sleep(1.0)
+            text = page.locator("body").inner_text()
+            m = PROGRESS.search(text)
+            if m:
+                step, total, ips = int(m[1]), int(m[2]), float(m[3])
+                samples.append((step, ips))
+            if "Training finished" in text or "Training was stopped" in text:
+                break
+        wall = time.perf_counter() - t0
+        if os.environ.get("RESVIZ_BENCH_DEBUG"):
+            page.screenshot(path=f"/tmp/resviz-bench-{int(t0)}.png", full_page=True)
+            print(text[:3000], file=sys.stderr)
+        return {"wall_s": wall, "ips": _steady(samples, total or 1), "ws_bytes": received[0] - before,
+                "finished": "Training finished" in text}
+    finally:
+        ctx.close()
+
+
+def _browser_rows(quick: bool, headless: list[dict]) -> list[Row]:
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        return [Row("3", "live app vs headless", "not measured (playwright is not installed)")]
+    if not os.path.exists(CHROMIUM):
+        return [Row("3", "live app vs headless", f"not measured (no Chromium at {CHROMIUM}; apt-get install -y chromium)")]
+    pairs = 1 if quick else 2
+    app_runs: list[dict] = []
+    with tempfile.TemporaryDirectory() as tmp, sync_playwright() as pw:
+        server = AppServer(tmp)
+        try:
+            server.wait_healthy()
+            browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            try:
+                for _ in range(pairs):  # interleaved: headless, app, headless, app
+                    headless.append(run_headless())
+                    app_runs.append(run_in_browser(browser, server))
+            finally:
+                browser.close()
+            rss = server.peak_rss_mb()
+        finally:
+            server.stop()
+    mine = headless[-pairs:]
+    h_ips, a_ips = max(h["ips"] for h in mine), max(a["ips"] for a in app_runs)
+    ratio = a_ips / h_ips  # the least disturbed run of each kind
+    med = statistics.median(a["ips"] / h["ips"] for a, h in zip(app_runs, mine))
+    kb_s = statistics.median(a["ws_bytes"] / a["wall_s"] / 1e3 for a in app_runs)
+    walls = ", ".join(f"{a['wall_s']:.0f}" for a in app_runs), ", ".join(f"{h['wall_s']:.0f}" for h in mine)
+    return [
+        Row("3", f"default run in the app, Train page open (Chromium, 1 refresh/s), best of {pairs}: images/s",
+            f"{a_ips:.0f} img/s (wall {walls[0]} s)", f"headless job: {h_ips:.0f} img/s (wall {walls[1]} s)",
+            ratio, ">= 0.85x headless", ratio >= 0.85, med),
+        Row("3", "websocket data the browser received while training", f"{kb_s:.0f} KB/s", "", None, "(reported)"),
+        Row("3", "app process peak RSS (VmHWM), after the runs", f"{rss:.0f} MB", "", None, "(reported)"),
+    ]
+
+
+# -- chart payload ----------------------------------------------------------------------------------
+def simulated_snapshot(steps: int = 6000, blocks: int = 15, seed: int = 0) -> dict[str, Any]:
+    """A job snapshot as ``TrainingJob.snapshot()`` gives it after ``steps`` steps of a twin run.
+
+    6000 steps is a 10-minute run at 10 steps/s; every series is capped and thinned by ``resviz.jobs.Series``
+    exactly as in a real job (500 points), probes every 5 steps, a test evaluation every 300 steps.
+    """
+    rng = np.random.default_rng(seed)
+    names = ("residual", "plain")
+    hist = {f"{n}/{m}": Series(500) for n in names for m in ("loss", "acc", "grad_norm", "param_norm")}
+    hist |= {f"{n}/{m}": Series(500) for n in names for m in ("test_loss", "test_acc")}
+    hist |= {"lr": Series(500), "images_per_s": Series(500)}
+    keys = ("f_norm", "s_norm", "ratio", "cosine", "mean_sq", "var", "branch_var", "grad_branch", "grad_shortcut",
+            "grad_total", "grad_block")
+    probes = {f"{n}/{k}": Series(500, (blocks,)) for n in names for k in keys}
+    for step in range(1, steps + 1):
+        for key, s in hist.items():
+            if "test_" not in key or step % 300 == 0:
+                s.append(step, rng.lognormal(0.0, 1.0))
+        if step % 5 == 0:
+            for s in probes.values():
+                s.append(step, rng.lognormal(-2.0, 1.5, blocks))
+    return {"id": "simulated", "step": steps, "names": list(names),
+            "history": {k: s.arrays() for k, s in hist.items()}, "probes": {k: s.arrays() for k, s in probes.items()}}
+
+
+def refresh_cost(snap: dict[str, Any], points: int) -> tuple[float, float]:
+    """(KB of chart JSON, CPU seconds) of one live-view refresh: build the figures as the page does, then
+    convert them as ``st.plotly_chart`` does (validate, then ``plotly.io.to_json``)."""
+    import plotly.io as pio
+    import plotly.tools
+
+    t0 = time.process_time()
+    figs = train_live.live_figures(snap, points)
+    size = sum(len(pio.to_json(plotly.tools.return_figure_from_figure_or_data(f, validate_figure=True), validate=False))
+               for f in figs.values())
+    return size / 1e3, time.process_time() - t0
+
+
+def _payload_rows() -> list[Row]:
+    snap = simulated_snapshot()
+    kb, cpu = refresh_cost(snap, train_live.LIVE_POINTS)
+    kb_all, cpu_all = refresh_cost(snap, 10**9)
+    return [Row("3", f"chart JSON per live refresh, 10-minute run ({train_live.LIVE_POINTS} points per series)",
+                f"{kb:.0f} KB, {cpu * 1e3:.0f} ms CPU", f"all 500 stored points: {kb_all:.0f} KB, {cpu_all * 1e3:.0f} ms CPU",
+                kb / kb_all, f"<= {PAYLOAD_LIMIT_KB:.0f} KB", kb <= PAYLOAD_LIMIT_KB)]
+
+
+def section_app(quick: bool, headless: list[dict]) -> list[Row]:
+    return _browser_rows(quick, headless) + _payload_rows()
+
+
+# -- time to accuracy -------------------------------------------------------------------------------
+def section_tta(quick: bool, headless: list[dict]) -> list[Row]:
+    if not headless:
+        headless.append(run_headless())
+    h = min(headless, key=lambda r: r["wall_s"])  # the least disturbed run; all runs are seeded alike
+    acc = h["acc"]
+    res, plain = acc.get("residual", float("nan")), acc.get("plain", float("nan"))
+    reached = res >= STATED["residual"] - 0.01 and res - plain >= 0.2
+    ok = reached and h["wall_s"] <= TTA_LIMIT_S and h["status"] == "finished"
+    walls = ", ".join(f"{r['wall_s']:.0f}" for r in headless)
+    return [Row("5", f"Train page defaults ({h['steps']} steps, twin, 1 training thread as in the app): wall time",
+                f"{h['wall_s']:.0f} s (runs: {walls} s; data {h['load_s']:.1f} s)",
+                f"stated: {STATED['residual']:.1%} vs {STATED['plain']:.1%}", None, f"<= {TTA_LIMIT_S:.0f} s", ok),
+            Row("5", "final test accuracy, residual vs plain twin", f"{res:.1%} vs {plain:.1%}", "", None,
+                f">= {STATED['residual'] - 0.01:.1%}, gap >= 20 points", reached)]

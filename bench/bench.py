@@ -1,0 +1,278 @@
+"""ResViz benchmark suite: prints one markdown table; every ratio is measured in this run, against a
+baseline timed in the same rounds.
+
+    python bench/bench.py                       # everything, about 10 minutes on 2 cores
+    python bench/bench.py --quick               # fewer rounds, a 1-epoch app run: about 3 minutes
+    python bench/bench.py --sections train,twin # any of: train twin inspect app tta gpu
+
+Sections:
+  train    ResNet-20 (CIFAR style, width 16), 32x32, batch 128: resviz's Trainer with instruments off,
+           with every live instrument at the Train page's interval, and on every step, against a bare
+           PyTorch loop in channels-last (A) and in NCHW (B) on the same net and in-memory data.
+  twin     the residual net and its plain twin in lockstep against training each alone.
+  inspect  one uploaded image through the shipped shapes_resnet32: inspect_image, Grad-CAM,
+           Saliency, Integrated Gradients (50 steps) and Occlusion against a bare forward (+ backward).
+  app      the real app (`streamlit run app.py`) driven by Chromium through Playwright, Start pressed
+           on the Train page: the job's images/s against the same job run headless in this process,
+           the websocket bytes per refresh, the chart JSON of a simulated 10-minute run, peak RSS.
+  tta      time to accuracy of the Train page's default run (headless, as the app runs it).
+  gpu      ResNet-20 32x32 batch 512 bf16 on CUDA: eager against CUDA-graph capture (skipped without CUDA).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from types import SimpleNamespace
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402, N812
+from timing import Row, best_ratio, interleaved, markdown_table, median_ratio, ms, paired  # noqa: E402
+from torch.utils.data import TensorDataset  # noqa: E402
+
+from resviz import NetConfig, TrainConfig, build_net  # noqa: E402
+from resviz.malloc import keep_freed_memory  # noqa: E402
+from resviz.train import Trainer, build_nets  # noqa: E402
+
+SECTIONS = ("train", "twin", "inspect", "app", "tta", "gpu")
+NET = NetConfig(style="cifar", depth=20, width=16, num_classes=10, in_channels=3, input_size=32)
+BATCH = 128
+APP_PROBE_EVERY = 5  # the Train page's default (app_pages.common.DEFAULT_TRAIN.probe_every); checked in main()
+
+
+# -- machine ----------------------------------------------------------------------------------------
+def machine_info(threads: int) -> list[str]:
+    cpu = platform.processor() or "unknown CPU"
+    with contextlib.suppress(OSError, StopIteration), open("/proc/cpuinfo") as f:
+        cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+    return [f"CPU: {cpu}, {cores} cores usable; GPU: {gpu}",
+            f"torch {torch.__version__}, {threads} intra-op threads for the training and inspection rows; "
+            f"Python {platform.python_version()}",
+            f"date: {datetime.datetime.now().astimezone().strftime('%Y-%m-%d %H:%M %Z')}"]
+
+
+def load_avg() -> str:
+    try:
+        return " / ".join(f"{v:.1f}" for v in os.getloadavg())
+    except OSError:
+        return "n/a"
+
+
+# -- training steppers ------------------------------------------------------------------------------
+def random_data(n: int, seed: int = 0, device: str = "cpu") -> TensorDataset:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 3, NET.input_size, NET.input_size, generator=g)
+    y = torch.randint(0, NET.num_classes, (n,), generator=g)
+    return TensorDataset(x.to(device), y.to(device))
+
+
+def bare_stepper(data: TensorDataset, channels_last: bool, *, batch: int = BATCH, device: str = "cpu", bf16: bool = False,
+                 compile_mode: str | None = None) -> Callable[[], None]:
+    """Baseline: a bare PyTorch loop on the same net, data in memory, SGD momentum, cross-entropy."""
+    torch.manual_seed(0)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    net = build_net(NET).to(device, memory_format=fmt).train()
+    opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    model = torch.compile(net, mode=compile_mode) if compile_mode else net
+    x, y = data.tensors
+    g = torch.Generator().manual_seed(0)
+    state = {"perm": torch.randperm(len(y), generator=g), "i": 0}
+
+    def step() -> None:
+        i = state["i"] % (len(y) // batch)
+        state["i"] += 1
+        idx = state["perm"][i * batch:(i + 1) * batch].to(x.device)
+        xb = x[idx].contiguous(memory_format=fmt)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
+            loss = F.cross_entropy(model(xb).float(), y[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+def trainer_stepper(nets: dict, data: TensorDataset, probe_every: int, *, batch: int = BATCH,
+                    device: str = "cpu") -> tuple[Callable, Callable]:
+    """resviz's Trainer as a stepper (no evaluation inside the timed steps); returns (step, close)."""
+    cfg = TrainConfig(lr=0.05, epochs=10_000.0, batch_size=batch, probe_every=probe_every, eval_every=10**9, device=device)
+    steps = Trainer(nets, SimpleNamespace(train=data, test=data), cfg).steps()
+    return (lambda: next(steps)), steps.close
+
+
+def warm(steppers: dict[str, Callable], n: int = 2) -> None:
+    for step in steppers.values():
+        for _ in range(n):
+            step()
+
+
+# -- sections ---------------------------------------------------------------------------------------
+def section_train(quick: bool) -> list[Row]:
+    data = random_data(BATCH * 10)
+    closers = []
+    steppers = {"A": bare_stepper(data, True), "B": bare_stepper(data, False)}
+    for name, every in (("off", 0), ("live", APP_PROBE_EVERY), ("every", 1)):
+        steppers[name], close = trainer_stepper(build_nets(NET, twin=False), data, every)
+        closers.append(close)
+    warm(steppers)
+    # Short rounds (one probe interval each), many of them: on a shared machine the load changes from
+    # second to second, and a ratio is only fair between timings taken close together.
+    rounds, steps = (6, APP_PROBE_EVERY) if quick else (16, APP_PROBE_EVERY)
+    t = interleaved(steppers, rounds, steps)
+    for close in closers:
+        close()
+    rate = {k: _rates(v, BATCH) for k, v in t.items()}
+    rows = [Row("1", "bare loop, NCHW (B) vs channels-last (A)", rate["B"], f"A: {rate['A']}",
+                best_ratio(t["A"], t["B"]), median=median_ratio(t["A"], t["B"]))]
+    for key, what, target in (("off", "Trainer, instruments off", 1.0),
+                              ("live", f"Trainer, all live instruments every {APP_PROBE_EVERY} steps (app default)", 0.9),
+                              ("every", "Trainer, all live instruments on every step", None)):
+        r = best_ratio(t["A"], t[key])
+        rows.append(Row("1", f"{what} vs A", rate[key], f"A: {rate['A']}", r, f">= {target:.2f}x A" if target else "(reference)",
+                        r >= target if target else None, median_ratio(t["A"], t[key])))
+    r = best_ratio(t["B"], t["live"])
+    rows.append(Row("1", "Trainer, live instruments vs B (NCHW)", rate["live"], f"B: {rate['B']}", r, ">= 1.15x B",
+                    r >= 1.15, median_ratio(t["B"], t["live"])))
+    return rows
+
+
+def _rates(seconds_per_step: list[float], batch: int) -> str:
+    """Median and best-round images/s (the best round is the one the machine's other load disturbed least)."""
+    med = sorted(seconds_per_step)[len(seconds_per_step) // 2]
+    return f"{batch / med:.0f} img/s (best {batch / min(seconds_per_step):.0f})"
+
+
+def section_twin(quick: bool) -> list[Row]:
+    data = random_data(BATCH * 10)
+    nets = build_nets(NET, twin=True)
+    alone = build_nets(NET, twin=True)
+    closers = []
+    steppers = {}
+    for name, sub in (("lockstep", nets), ("residual", {"residual": alone["residual"]}), ("plain", {"plain": alone["plain"]})):
+        steppers[name], close = trainer_stepper(sub, data, APP_PROBE_EVERY)
+        closers.append(close)
+    warm(steppers)
+    rounds, steps = (5, APP_PROBE_EVERY) if quick else (12, APP_PROBE_EVERY)
+    t = interleaved(steppers, rounds, steps)
+    for close in closers:
+        close()
+    sums = [a + b for a, b in zip(t["residual"], t["plain"])]
+    r = (min(t["residual"]) + min(t["plain"])) / min(t["lockstep"])
+    return [Row("2", "lockstep residual + plain twin (live instruments), per step (best round)", ms(min(t["lockstep"])),
+                f"residual alone + plain alone: {ms(min(t['residual']) + min(t['plain']))}", r, ">= 0.95x", r >= 0.95,
+                median_ratio(sums, t["lockstep"]))]
+
+
+def section_inspect(quick: bool) -> list[Row]:
+    import io
+
+    from resviz import zoo
+    from resviz.images import load_image, sample_images
+    from resviz.inspect import explain, inspect_image
+
+    model = next(m for m in zoo.shipped_models() if m.name == "shapes_resnet32")
+    net, info = zoo.load_shipped(model)
+    buf = io.BytesIO()
+    sample_images(64)[next(iter(sample_images(64)))].save(buf, format="PNG")  # an "uploaded" PNG
+    x = zoo.prepare_image(load_image(buf.getvalue()), info)[0]
+    net.eval()
+
+    def forward() -> None:
+        with torch.no_grad():
+            net(x[None])
+
+    def forward_backward() -> None:
+        xx = x[None].clone().requires_grad_()
+        net(xx)[0, 0].backward()
+
+    reps = 10 if quick else 30
+    rows = []
+    tf, ti, r, med = paired(forward, lambda: inspect_image(net, x, classes=info.classes, block=0, channels=8), reps)
+    rows.append(Row("4", "inspect_image: top-k, ||F||/||S|| of all blocks, one block's maps", ms(ti),
+                    f"forward: {ms(tf)}", r, "<= 2x forward", r <= 2.0, med))
+    tb, tg, r, med = paired(forward_backward, lambda: explain(net, x, "gradcam"), reps)
+    rows.append(Row("4", "Grad-CAM (last block)", ms(tg), f"forward+backward: {ms(tb)}", r, "<= 3x fwd+bwd", r <= 3.0, med))
+    few = 3 if quick else 5
+    for method, what, n in (("saliency", "Saliency", reps), ("integrated_gradients", "Integrated Gradients, 50 steps", few),
+                            ("occlusion", "Occlusion, batched windows", few)):
+        tf, tm, r, med = paired(forward, lambda m=method: explain(net, x, m), n)
+        rows.append(Row("4", what, ms(tm), f"forward: {ms(tf)}", r, "(reported)", None, med))
+    return rows
+
+
+def section_gpu(quick: bool) -> list[Row]:
+    what = "ResNet-20 32x32, batch 512, bf16, data on the GPU"
+    if not torch.cuda.is_available():
+        return [Row("6", f"{what}: eager vs CUDA graphs", "not measured (no GPU in this environment)")]
+    data = random_data(512 * 8, device="cuda")
+    gpu = {"batch": 512, "device": "cuda"}
+    steppers = {"eager": bare_stepper(data, True, bf16=True, **gpu),
+                "graphs": bare_stepper(data, True, bf16=True, compile_mode="reduce-overhead", **gpu)}
+    steppers["trainer"], close = trainer_stepper(build_nets(NET, twin=False), data, APP_PROBE_EVERY, **gpu)
+    warm(steppers, 5)  # compilation and graph capture happen here
+    t = interleaved(steppers, 3 if quick else 5, 10, sync=torch.cuda.synchronize)
+    close()
+    rate = {k: _rates(v, 512) for k, v in t.items()}
+    return [Row("6", f"{what}: bare loop, CUDA graphs (torch.compile reduce-overhead)", rate["graphs"],
+                f"eager: {rate['eager']}", best_ratio(t["eager"], t["graphs"]), "(reported)", None,
+                median_ratio(t["eager"], t["graphs"])),
+            Row("6", f"{what}: Trainer, live instruments (eager)", rate["trainer"], f"eager bare loop: {rate['eager']}",
+                best_ratio(t["eager"], t["trainer"]), "(reported)", None, median_ratio(t["eager"], t["trainer"]))]
+
+
+# -- main -------------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="fewer rounds and a 1-epoch app run (about 3 minutes)")
+    ap.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}")
+    ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads for the training/inspection rows")
+    args = ap.parse_args(argv)
+    chosen = [s.strip() for s in args.sections.split(",") if s.strip()]
+    unknown = sorted(set(chosen) - set(SECTIONS))
+    if unknown:
+        ap.error(f"unknown section(s) {', '.join(unknown)}; choose from {', '.join(SECTIONS)}")
+    import app_bench  # the app's defaults need streamlit importable; imported here so --help stays light
+
+    if app_bench.default_probe_every() != APP_PROBE_EVERY:
+        raise SystemExit(f"the Train page now probes every {app_bench.default_probe_every()} steps; update APP_PROBE_EVERY")
+    # The Trainer asks glibc to keep freed memory for the next step; do it up front so the bare loops
+    # run under the same allocator settings from their first step.
+    tuned = keep_freed_memory()
+    info, start_load, t0 = machine_info(args.threads), load_avg(), time.perf_counter()
+    info.append(f"glibc malloc keeps freed memory for reuse (resviz.malloc, for every row): {'yes' if tuned else 'no'}")
+    rows: list[Row] = []
+    headless: list[dict] = []
+    for name in SECTIONS:
+        if name not in chosen:
+            continue
+        torch.set_num_threads(args.threads)
+        print(f"[bench] {name} ...", file=sys.stderr, flush=True)
+        if name in ("train", "twin", "inspect", "gpu"):
+            rows += globals()[f"section_{name}"](args.quick)
+        elif name == "app":
+            rows += app_bench.section_app(args.quick, headless)
+        elif name == "tta":
+            rows += app_bench.section_tta(args.quick, headless)
+    print("\n".join(f"- {line}" for line in info))
+    print(f"- load average (1/5/15 min) at start: {start_load}; at end: {load_avg()}; "
+          f"bench wall time {time.perf_counter() - t0:.0f} s{' (--quick)' if args.quick else ''}")
+    print()
+    print(markdown_table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

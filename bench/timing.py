@@ -1,0 +1,86 @@
+"""Timing helpers for the benchmark: interleaved rounds, paired ratios, medians, one result table.
+
+A shared, loaded machine makes single timings unreliable, so every comparison here is made in the
+same run: the candidate and its baseline take turns in short rounds (the order rotates from round to
+round). Two ratios come out of that: the ratio of the best rounds (the rounds the machine's other
+load disturbed least, as ``timeit`` recommends) and the median of the per-round ratios.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+
+def interleaved(steppers: dict[str, Callable[[], object]], rounds: int, steps: int,
+                sync: Callable[[], None] = lambda: None) -> dict[str, list[float]]:
+    """Seconds per call of each stepper in each round; the order of the steppers rotates per round."""
+    names = list(steppers)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(rounds):
+        k = r % len(names)
+        for name in names[k:] + names[:k]:
+            sync()
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                steppers[name]()
+            sync()
+            times[name].append((time.perf_counter() - t0) / steps)
+    return times
+
+
+def paired(base: Callable[[], object], fn: Callable[[], object], reps: int) -> tuple[float, float, float, float]:
+    """Time ``base`` and ``fn`` alternately: (best seconds of base, of fn, their ratio fn/base, median of
+    the per-rep ratios)."""
+    base(), fn()  # warm-up
+    tb, tf = [], []
+    for i in range(reps):
+        for f, out in ((base, tb), (fn, tf)) if i % 2 == 0 else ((fn, tf), (base, tb)):
+            t0 = time.perf_counter()
+            f()
+            out.append(time.perf_counter() - t0)
+    return min(tb), min(tf), min(tf) / min(tb), median_ratio(tf, tb)
+
+
+def median_ratio(num: list[float], den: list[float]) -> float:
+    """Median over rounds of num[r] / den[r]."""
+    return statistics.median(n / d for n, d in zip(num, den))
+
+
+def best_ratio(num: list[float], den: list[float]) -> float:
+    """min(num) / min(den): the ratio of the least disturbed rounds."""
+    return min(num) / min(den)
+
+
+@dataclass
+class Row:
+    """One line of the result table."""
+
+    section: str
+    what: str
+    result: str
+    baseline: str = ""
+    ratio: float | None = None
+    target: str = ""
+    met: bool | None = None
+    median: float | None = None  # the median of the per-round ratios, shown beside the best-round ratio
+
+    def cells(self) -> list[str]:
+        ratio = f"{self.ratio:.2f}x" if self.ratio is not None else ""
+        if self.median is not None:
+            ratio += f" (median {self.median:.2f}x)"
+        met = {True: "yes", False: "**no**", None: ""}[self.met]
+        return [self.section, self.what, self.result, self.baseline, ratio, self.target, met]
+
+
+def markdown_table(rows: list[Row]) -> str:
+    head = ["#", "measurement", "result", "baseline (same run)", "ratio", "target", "met"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(r.cells()) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def ms(seconds: float) -> str:
+    return f"{seconds * 1e3:.1f} ms"
