@@ -90,9 +90,16 @@ def init_distributed(device: str = "auto") -> DistInfo:
 
 
 def shutdown() -> None:
-    """Leave the process group (no-op when not in one)."""
+    """Leave the process group (no-op when not in one).
+
+    Every rank waits for the others first: a rank that tears gloo down while a peer is still sending
+    can abort the peer's process at exit ("terminate called without an active exception").
+    """
     if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+        try:
+            dist.barrier()
+        finally:
+            dist.destroy_process_group()
 
 
 def is_main() -> bool:
