@@ -146,7 +146,7 @@ def run_in_browser(browser: Any, server: AppServer, timeout_s: float = 600.0) ->
         start.wait_for()
         page.wait_for_function("() => !document.querySelector('[data-testid=\"stStatusWidget\"]')")
         before, t0 = received[0], time.perf_counter()
-        start.click()
+        _press_start(page, start)
         samples, total, text = [], 0, ""
         while time.perf_counter() - t0 < timeout_s:
             time.sleep(1.0)
@@ -165,6 +165,19 @@ def run_in_browser(browser: Any, server: AppServer, timeout_s: float = 600.0) ->
                 "finished": "Training finished" in text}
     finally:
         ctx.close()
+
+
+def _press_start(page: Any, start: Any, tries: int = 3) -> None:
+    """Click Start until the run shows up (a click that lands during a rerun can be lost)."""
+    stop = page.get_by_role("button", name="Stop")
+    for _ in range(tries):
+        start.click()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if stop.is_enabled():
+                return
+            time.sleep(0.5)
+    raise RuntimeError("the Train page did not start a run after pressing Start")
 
 
 def _browser_rows(quick: bool, headless: list[dict]) -> list[Row]:
@@ -190,6 +203,8 @@ def _browser_rows(quick: bool, headless: list[dict]) -> list[Row]:
             rss = server.peak_rss_mb()
         finally:
             server.stop()
+    if not all(a["finished"] for a in app_runs):
+        return [Row("3", "default run in the app", "**failed**: a run did not finish in the browser within the time limit")]
     mine = headless[-pairs:]
     h_ips, a_ips = max(h["ips"] for h in mine), max(a["ips"] for a in app_runs)
     ratio = a_ips / h_ips  # the least disturbed run of each kind
