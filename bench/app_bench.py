@@ -62,12 +62,10 @@ def run_headless() -> dict[str, Any]:
     t0 = time.perf_counter()
     job.start()
     samples = []
-    while job.active:
-        time.sleep(1.0)
+    while not job.join(timeout=1.0):  # one reading a second, like the page's refresh
         snap = job.snapshot()
         if snap["step"] > 0 and snap["status"] == "running":
             samples.append((snap["step"], snap["images_per_s"]))
-    job.join()
     wall = time.perf_counter() - t0
     snap = job.snapshot()
     return {"wall_s": wall, "load_s": load_s, "status": snap["status"], "steps": snap["step"],
@@ -147,7 +145,7 @@ def run_in_browser(browser: Any, server: AppServer, timeout_s: float = 600.0) ->
         page.wait_for_function("() => !document.querySelector('[data-testid=\"stStatusWidget\"]')")
         before, t0 = received[0], time.perf_counter()
         _press_start(page, start)
-        samples, total, text = [], 0, ""
+        samples, total, text, blank_since, finished = [], 0, "", None, False
         while time.perf_counter() - t0 < timeout_s:
             time.sleep(1.0)
             text = page.locator("body").inner_text()
@@ -155,14 +153,21 @@ def run_in_browser(browser: Any, server: AppServer, timeout_s: float = 600.0) ->
             if m:
                 step, total, ips = int(m[1]), int(m[2]), float(m[3])
                 samples.append((step, ips))
-            if "Training finished" in text or "Training was stopped" in text:
+                finished = step == total
+            finished = finished or "Training finished" in text
+            if finished or "Training was stopped" in text:
                 break
+            # Now and then headless Chromium leaves the page blank at the end of a run while the
+            # websocket traffic goes on; a reload reconnects to the same session.
+            blank_since = (blank_since or time.perf_counter()) if not text.strip() else None
+            if blank_since and time.perf_counter() - blank_since > 15:
+                page.reload()
+                blank_since = None
         wall = time.perf_counter() - t0
         if os.environ.get("RESVIZ_BENCH_DEBUG"):
             page.screenshot(path=f"/tmp/resviz-bench-{int(t0)}.png", full_page=True)
             print(text[:3000], file=sys.stderr)
-        return {"wall_s": wall, "ips": _steady(samples, total or 1), "ws_bytes": received[0] - before,
-                "finished": "Training finished" in text}
+        return {"wall_s": wall, "ips": _steady(samples, total or 1), "ws_bytes": received[0] - before, "finished": finished}
     finally:
         ctx.close()
 
