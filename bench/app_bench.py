@@ -145,7 +145,7 @@ def run_in_browser(browser: Any, server: AppServer, timeout_s: float = 600.0) ->
         page.wait_for_function("() => !document.querySelector('[data-testid=\"stStatusWidget\"]')")
         before, t0 = received[0], time.perf_counter()
         _press_start(page, start)
-        samples, total, text, blank_since, finished = [], 0, "", None, False
+        samples, total, text, finished = [], 0, "", False
         while time.perf_counter() - t0 < timeout_s:
             time.sleep(1.0)
             text = page.locator("body").inner_text()
@@ -157,12 +157,6 @@ def run_in_browser(browser: Any, server: AppServer, timeout_s: float = 600.0) ->
             finished = finished or "Training finished" in text
             if finished or "Training was stopped" in text:
                 break
-            # Now and then headless Chromium leaves the page blank at the end of a run while the
-            # websocket traffic goes on; a reload reconnects to the same session.
-            blank_since = (blank_since or time.perf_counter()) if not text.strip() else None
-            if blank_since and time.perf_counter() - blank_since > 15:
-                page.reload()
-                blank_since = None
         wall = time.perf_counter() - t0
         if os.environ.get("RESVIZ_BENCH_DEBUG"):
             page.screenshot(path=f"/tmp/resviz-bench-{int(t0)}.png", full_page=True)
