@@ -1,9 +1,12 @@
 """ResViz benchmark suite: prints one markdown table; every ratio is measured in this run, against a
 baseline timed in the same rounds.
 
-    python bench/bench.py                       # everything, about 10 minutes on 2 cores
-    python bench/bench.py --quick               # fewer rounds, a 1-epoch app run: about 3 minutes
+    python bench/bench.py                       # everything: about 3 minutes on an idle 2-core box
+    python bench/bench.py --quick               # fewer rounds, one app run: about 1.5 minutes
     python bench/bench.py --sections train,twin # any of: train twin inspect app tta gpu
+
+A loaded machine makes every row slower (up to several times); the ratios hold up better than the
+absolute numbers, and the header records the load average at the start and the end.
 
 Sections:
   train    ResNet-20 (CIFAR style, width 16), 32x32, batch 128: resviz's Trainer with instruments off,
@@ -14,7 +17,7 @@ Sections:
            Saliency, Integrated Gradients (50 steps) and Occlusion against a bare forward (+ backward).
   app      the real app (`streamlit run app.py`) driven by Chromium through Playwright, Start pressed
            on the Train page: the job's images/s against the same job run headless in this process,
-           the websocket bytes per refresh, the chart JSON of a simulated 10-minute run, peak RSS.
+           the websocket data received, the chart JSON of a simulated 10-minute run, peak RSS.
   tta      time to accuracy of the Train page's default run (headless, as the app runs it).
   gpu      ResNet-20 32x32 batch 512 bf16 on CUDA: eager against CUDA-graph capture (skipped without CUDA).
 """
@@ -96,7 +99,7 @@ def bare_stepper(data: TensorDataset, channels_last: bool, *, batch: int = BATCH
         state["i"] += 1
         idx = state["perm"][i * batch:(i + 1) * batch].to(x.device)
         xb = x[idx].contiguous(memory_format=fmt)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
+        with torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
             loss = F.cross_entropy(model(xb).float(), y[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -201,7 +204,7 @@ def section_inspect(quick: bool) -> list[Row]:
     reps = 10 if quick else 30
     rows = []
     tf, ti, r, med = paired(forward, lambda: inspect_image(net, x, classes=info.classes, block=0, channels=8), reps)
-    rows.append(Row("4", "inspect_image: top-k, ||F||/||S|| of all blocks, one block's maps", ms(ti),
+    rows.append(Row("4", "inspect_image: top-k, ‖F‖ and ‖S‖ of all blocks, one block's maps", ms(ti),
                     f"forward: {ms(tf)}", r, "<= 2x forward", r <= 2.0, med))
     tb, tg, r, med = paired(forward_backward, lambda: explain(net, x, "gradcam"), reps)
     rows.append(Row("4", "Grad-CAM (last block)", ms(tg), f"forward+backward: {ms(tb)}", r, "<= 3x fwd+bwd", r <= 3.0, med))
@@ -236,7 +239,7 @@ def section_gpu(quick: bool) -> list[Row]:
 # -- main -------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="fewer rounds and a 1-epoch app run (about 3 minutes)")
+    ap.add_argument("--quick", action="store_true", help="fewer rounds and one app run instead of two")
     ap.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}")
     ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads for the training/inspection rows")
     args = ap.parse_args(argv)

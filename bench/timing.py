@@ -72,7 +72,7 @@ class Row:
         if self.median is not None:
             ratio += f" (median {self.median:.2f}x)"
         met = {True: "yes", False: "**no**", None: ""}[self.met]
-        return [self.section, self.what, self.result, self.baseline, ratio, self.target, met]
+        return [c.replace("|", "\\|") for c in (self.section, self.what, self.result, self.baseline, ratio, self.target, met)]
 
 
 def markdown_table(rows: list[Row]) -> str:
