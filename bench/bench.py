@@ -109,10 +109,16 @@ def bare_stepper(data: TensorDataset, channels_last: bool, *, batch: int = BATCH
 
 
 def trainer_stepper(nets: dict, data: TensorDataset, probe_every: int, *, batch: int = BATCH,
-                    device: str = "cpu") -> tuple[Callable, Callable]:
-    """resviz's Trainer as a stepper (no evaluation inside the timed steps); returns (step, close)."""
+                    device: str = "cpu", graphs: str = "auto", keep: list | None = None) -> tuple[Callable, Callable]:
+    """resviz's Trainer as a stepper (no evaluation inside the timed steps); returns (step, close).
+
+    With CUDA graphs the Trainer yields an interval's records together after one sync: time whole
+    intervals (a multiple of ``probe_every`` and of ``resviz.graphs.MAX_INTERVAL`` steps)."""
     cfg = TrainConfig(lr=0.05, epochs=10_000.0, batch_size=batch, probe_every=probe_every, eval_every=10**9, device=device)
-    steps = Trainer(nets, SimpleNamespace(train=data, test=data), cfg).steps()
+    trainer = Trainer(nets, SimpleNamespace(train=data, test=data), cfg, graphs=graphs)
+    steps = trainer.steps()
+    if keep is not None:
+        keep.append(trainer)
     return (lambda: next(steps)), steps.close
 
 
@@ -216,24 +222,86 @@ def section_inspect(quick: bool) -> list[Row]:
     return rows
 
 
+def bare_graph_stepper(data: TensorDataset, *, batch: int) -> Callable[[], None]:
+    """Baseline on CUDA: the bare bf16 channels-last loop with its whole step (forward, backward, SGD
+    with a constant learning rate) captured once in a CUDA graph and replayed; batches are copied into
+    the graph's static input buffers."""
+    torch.manual_seed(0)
+    net = build_net(NET).to("cuda", memory_format=torch.channels_last).train()
+    opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    x, y = data.tensors
+    xs = torch.empty((batch, *x.shape[1:]), device="cuda").contiguous(memory_format=torch.channels_last)
+    ys = torch.empty(batch, dtype=y.dtype, device="cuda")
+    g = torch.Generator().manual_seed(0)
+    state = {"perm": torch.randperm(len(y), generator=g).cuda(), "i": 0}
+
+    def load() -> None:
+        i = state["i"] % (len(y) // batch)
+        state["i"] += 1
+        idx = state["perm"][i * batch:(i + 1) * batch]
+        xs.copy_(x[idx])
+        ys.copy_(y[idx])
+
+    def body() -> None:
+        with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
+            loss = F.cross_entropy(net(xs).float(), ys)
+        loss.backward()
+        opt.step()
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):  # eager warm-up: handles, autograd threads, momentum buffers
+            load()
+            opt.zero_grad(set_to_none=True)
+            body()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    opt.zero_grad(set_to_none=True)
+    with torch.cuda.graph(graph):
+        body()
+
+    def step() -> None:
+        load()
+        graph.replay()
+
+    return step
+
+
 def section_gpu(quick: bool) -> list[Row]:
     what = "ResNet-20 32x32, batch 512, bf16, data on the GPU"
     if not torch.cuda.is_available():
-        return [Row("6", f"{what}: eager vs CUDA graphs", "not measured (no GPU in this environment)")]
-    data = random_data(512 * 8, device="cuda")
-    gpu = {"batch": 512, "device": "cuda"}
-    steppers = {"eager": bare_stepper(data, True, bf16=True, **gpu),
-                "graphs": bare_stepper(data, True, bf16=True, compile_mode="reduce-overhead", **gpu)}
-    steppers["trainer"], close = trainer_stepper(build_nets(NET, twin=False), data, APP_PROBE_EVERY, **gpu)
-    warm(steppers, 5)  # compilation and graph capture happen here
-    t = interleaved(steppers, 3 if quick else 5, 10, sync=torch.cuda.synchronize)
-    close()
-    rate = {k: _rates(v, 512) for k, v in t.items()}
-    return [Row("6", f"{what}: bare loop, CUDA graphs (torch.compile reduce-overhead)", rate["graphs"],
-                f"eager: {rate['eager']}", best_ratio(t["eager"], t["graphs"]), "(reported)", None,
-                median_ratio(t["eager"], t["graphs"])),
-            Row("6", f"{what}: Trainer, live instruments (eager)", rate["trainer"], f"eager bare loop: {rate['eager']}",
-                best_ratio(t["eager"], t["trainer"]), "(reported)", None, median_ratio(t["eager"], t["trainer"]))]
+        return [Row("6", f"{what}: Trainer with CUDA graphs", "not measured (no GPU in this environment)")]
+    batch = 512
+    data = random_data(batch * 16, device="cuda")
+    gpu = {"batch": batch, "device": "cuda"}
+    closers, trainers = [], []
+    steppers = {"eager": bare_stepper(data, True, bf16=True, **gpu), "graph": bare_graph_stepper(data, batch=batch)}
+    for name, every, graphs in (("trainer", APP_PROBE_EVERY, "auto"), ("trainer_every", 1, "auto"),
+                                ("trainer_off", 0, "auto"), ("trainer_eager", APP_PROBE_EVERY, "off")):
+        steppers[name], close = trainer_stepper(build_nets(NET, twin=False), data, every, graphs=graphs, keep=trainers, **gpu)
+        closers.append(close)
+    warm(steppers, 10)  # warm-up and capture; 10 steps keep the Trainer's rounds on sync boundaries
+    for tr in trainers:
+        print(f"[bench] gpu: Trainer graphs={tr.graphs!r} probe_every={tr.cfg.probe_every}: ran {tr.graph_mode!r} "
+              f"{tr.graph_note}", file=sys.stderr, flush=True)
+    rounds, steps = (3, 50) if quick else (7, 100)
+    t = interleaved(steppers, rounds, steps, sync=torch.cuda.synchronize)
+    for close in closers:
+        close()
+    rate = {k: _rates(v, batch) for k, v in t.items()}
+    best = {k: batch / min(v) for k, v in t.items()}
+    rows = [Row("6", f"{what}: bare loop captured in a CUDA graph", rate["graph"], f"eager bare loop: {rate['eager']}",
+                best_ratio(t["eager"], t["graph"]), "(reference)", None, median_ratio(t["eager"], t["graph"]))]
+    app = f"Trainer, CUDA graphs, live instruments every {APP_PROBE_EVERY} steps (app default)"
+    for key, label, target in (("trainer", app, 100_000),
+                               ("trainer_every", "Trainer, CUDA graphs, live instruments on every step", None),
+                               ("trainer_off", "Trainer, CUDA graphs, instruments off", None),
+                               ("trainer_eager", f"Trainer, eager loop, live instruments every {APP_PROBE_EVERY} steps", None)):
+        rows.append(Row("6", f"{what}: {label}", rate[key], f"bare graph: {rate['graph']}", best_ratio(t["graph"], t[key]),
+                        ">= 100k img/s" if target else "(reference)", best[key] >= target if target else None,
+                        median_ratio(t["graph"], t[key])))
+    return rows
 
 
 # -- main -------------------------------------------------------------------------------------------
@@ -247,10 +315,12 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(chosen) - set(SECTIONS))
     if unknown:
         ap.error(f"unknown section(s) {', '.join(unknown)}; choose from {', '.join(SECTIONS)}")
-    import app_bench  # the app's defaults need streamlit importable; imported here so --help stays light
+    app_bench = None
+    if {"app", "tta"} & set(chosen):
+        import app_bench  # needs streamlit and the app; imported only for the sections that run it
 
-    if app_bench.default_probe_every() != APP_PROBE_EVERY:
-        raise SystemExit(f"the Train page now probes every {app_bench.default_probe_every()} steps; update APP_PROBE_EVERY")
+        if app_bench.default_probe_every() != APP_PROBE_EVERY:
+            raise SystemExit(f"the Train page now probes every {app_bench.default_probe_every()} steps; update APP_PROBE_EVERY")
     # The Trainer asks glibc to keep freed memory for the next step; do it up front so the bare loops
     # run under the same allocator settings from their first step.
     tuned = keep_freed_memory()

@@ -133,6 +133,8 @@ class DistributedTrainer(Trainer):
         Others as for :class:`~resviz.train.Trainer`.
     """
 
+    supports_graphs = False  # DDP's gradient all-reduce is not captured; the eager loop runs
+
     def __init__(self, nets: dict[str, nn.Module] | nn.Module, data: Any, cfg: Any, *, probes: bool = False,
                  sync_bn: bool | None = None) -> None:
         super().__init__(nets, data, cfg, probes=probes)

@@ -107,8 +107,9 @@ def make_optimizer(net: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
 def augment_batch(x: torch.Tensor, generator: torch.Generator, pad: int) -> torch.Tensor:
     """Random crop after zero padding by ``pad`` pixels, then a random horizontal flip, per sample."""
     b, _, h, w = x.shape
-    off = torch.randint(0, 2 * pad + 1, (2, b), generator=generator).to(x.device)
-    flip = (torch.rand(b, generator=generator) < 0.5).to(x.device)
+    # non_blocking: on a GPU the copies of these small draws must not wait for the queued steps
+    off = torch.randint(0, 2 * pad + 1, (2, b), generator=generator).to(x.device, non_blocking=True)
+    flip = (torch.rand(b, generator=generator) < 0.5).to(x.device, non_blocking=True)
     xp = F.pad(x, (pad, pad, pad, pad))  # (B, C, H+2p, W+2p)
     rows = off[0][:, None] + torch.arange(h, device=x.device)  # (B, H)
     cols = off[1][:, None] + torch.arange(w, device=x.device)  # (B, W)
@@ -117,10 +118,13 @@ def augment_batch(x: torch.Tensor, generator: torch.Generator, pad: int) -> torc
     return out.permute(0, 3, 1, 2)  # (B, C, H, W)
 
 
-def _autocast(device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA only; CPU runs in float32 (CPU bf16 is slow and changes results)."""
+def _autocast(device: torch.device, *, cache: bool = True) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA only; CPU runs in float32 (CPU bf16 is slow and changes results).
+
+    ``cache=False`` for code captured in a CUDA graph (autocast's weight-cast cache must not outlive it).
+    """
     if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+        return torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=cache)
     return contextlib.nullcontext()
 
 
@@ -182,9 +186,17 @@ class Trainer:
         cfg: optimisation settings.
         probes: record ``resviz.probes.LiveProbes`` readings every ``cfg.probe_every`` steps (when > 0).
             Their hooks are attached for the recorded steps only and removed right after them.
+        graphs: ``"auto"`` (default) captures each net's step in a CUDA graph when training SGD on a
+            GPU (see :mod:`resviz.graphs`; ``graph_mode`` says what ran and ``graph_note`` why not);
+            ``"off"`` never; ``"static"`` runs the graph loop's step without capture, on any device.
     """
 
-    def __init__(self, nets: dict[str, nn.Module] | nn.Module, data: Any, cfg: TrainConfig, *, probes: bool = True) -> None:
+    supports_graphs = True  # subclasses that wrap the nets (DistributedDataParallel) turn this off
+
+    def __init__(self, nets: dict[str, nn.Module] | nn.Module, data: Any, cfg: TrainConfig, *, probes: bool = True,
+                 graphs: str = "auto") -> None:
+        if graphs not in ("auto", "off", "static"):
+            raise ValueError(f"graphs must be 'auto', 'off' or 'static', got {graphs!r}")
         self.nets = dict(nets) if isinstance(nets, dict) else {"net": nets}
         if not self.nets:
             raise ValueError("Trainer needs at least one net")
@@ -200,6 +212,7 @@ class Trainer:
         self.status, self.message, self.step = "pending", "", 0
         self._probes: dict[str, LiveProbes] = {}
         self.param_names: dict[str, list[str]] = {}  # columns of the "grad_params" probe reading, per net
+        self.graphs, self.graph_mode, self.graph_note = graphs, "off", ""
 
     def steps(self) -> Iterator[dict[str, Any]]:
         """Train, yielding a record per step; closing the generator early sets status "stopped"."""
@@ -210,6 +223,10 @@ class Trainer:
         self.status, self._time, self._ips = "running", 0.0, 0.0
         self._probes = self._make_probes()
         try:
+            loop = self._graph_loop(runs)
+            if loop is not None:
+                yield from loop.steps(self._batch_indices())
+                return
             for idx in self._batch_indices():
                 rec = self._step(runs, idx)
                 yield rec
@@ -232,6 +249,18 @@ class Trainer:
         for net in self.nets.values():
             net.to(self.device, memory_format=fmt).train()
         return {name: _Run(net, self.cfg) for name, net in self.nets.items()}
+
+    def _graph_loop(self, runs: dict[str, _Run]) -> Any:
+        """A :class:`resviz.graphs.GraphLoop` when ``graphs`` asks for one and it can run here, else None."""
+        if self.graphs == "off":
+            return None
+        from .graphs import GraphLoop, unsupported_reason
+
+        why = unsupported_reason(self)
+        if why:
+            self.graph_note = why
+            return None
+        return GraphLoop(self, runs, capture=self.graphs == "auto")
 
     def _make_probes(self) -> dict[str, LiveProbes]:
         """One detached ``LiveProbes`` per net; :meth:`_forward_backward` attaches it for probed steps only."""
@@ -259,7 +288,7 @@ class Trainer:
                 yield perm[i * bs : (i + 1) * bs]
 
     def _batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        idx = idx.to(self._x.device)
+        idx = idx.to(self._x.device, non_blocking=True)
         xb = self._x.index_select(0, idx).to(self.device, non_blocking=True)  # a third cheaper than x[idx] on CPU
         yb = self._y.index_select(0, idx).to(self.device, non_blocking=True)
         if self.cfg.augment:
@@ -297,20 +326,29 @@ class Trainer:
         vals = [self._forward_backward(name, run, xb, yb, lr) for name, run in runs.items()]
         flat = torch.stack([v for vs in vals for v in vs]).tolist()  # the one host sync of this step
         self.step += 1
-        rec = {"step": self.step, "total_steps": self.total_steps, "epoch": self.step / self.steps_per_epoch, "lr": lr}
+        return self._record(runs, self.step, lr, flat, len(yb), time.perf_counter() - t0, self._drain_probes)
+
+    def _record(self, runs: dict[str, _Run], step: int, lr: float, flat: list[float], batch: int, dt: float,
+                probes: Any, *, restored_from: int | None = None) -> dict[str, Any]:
+        """The record of ``step`` from its synced ``flat`` values (4 per net); ``probes()`` gives its readings.
+
+        A non-finite value ends the run: every net gets back its saved tensors, which are those from
+        before ``restored_from`` (default: before this step).
+        """
+        rec = {"step": step, "total_steps": self.total_steps, "epoch": step / self.steps_per_epoch, "lr": lr}
         bad = [name for k, name in enumerate(runs) if not all(math.isfinite(v) for v in flat[4 * k : 4 * k + 4])]
         if bad:
-            return self._diverged(runs, rec, bad, flat)
+            return self._diverged(runs, rec, bad, flat, restored_from or step)
         keys = ("loss", "acc", "grad_norm", "param_norm")
         rec["nets"] = {name: dict(zip(keys, flat[4 * k : 4 * k + 4])) for k, name in enumerate(runs)}
         for m in rec["nets"].values():
-            m["acc"] /= len(yb)  # correct count -> fraction
-        self._tick(time.perf_counter() - t0, len(yb))
-        if self._probes and self.step % self.cfg.probe_every == 0:
-            rec["probes"] = self._drain_probes()
-        if self._eval_due():
+            m["acc"] /= batch  # correct count -> fraction
+        self._tick(dt, batch)
+        if self._probes and step % self.cfg.probe_every == 0:
+            rec["probes"] = probes()
+        if self._eval_due(step):
             self._evaluate(rec)
-        self.status = "finished" if self.step >= self.total_steps else "running"
+        self.status = "finished" if step >= self.total_steps else "running"
         return {**rec, "images_per_s": self._ips, "time_s": self._time, "status": self.status}
 
     def _tick(self, dt: float, batch: int) -> None:
@@ -318,9 +356,9 @@ class Trainer:
         rate = batch / max(dt, 1e-9)
         self._ips = rate if self._ips == 0.0 else 0.9 * self._ips + 0.1 * rate
 
-    def _eval_due(self) -> bool:
+    def _eval_due(self, step: int) -> bool:
         every = self.cfg.eval_every or self.steps_per_epoch
-        return self.step >= self.total_steps or self.step % every == 0
+        return step >= self.total_steps or step % every == 0
 
     def _evaluate(self, rec: dict[str, Any]) -> None:
         t0 = time.perf_counter()
@@ -331,15 +369,17 @@ class Trainer:
             rec["nets"][name]["test_acc"] = acc
         self._time += time.perf_counter() - t0
 
-    def _diverged(self, runs: dict[str, _Run], rec: dict[str, Any], bad: list[str], flat: list[float]) -> dict[str, Any]:
+    def _diverged(self, runs: dict[str, _Run], rec: dict[str, Any], bad: list[str], flat: list[float],
+                  restored_from: int) -> dict[str, Any]:
         for run in runs.values():
-            run.restore()  # every net goes back to its state before this step, keeping them in lockstep
+            run.restore()  # every net goes back to its saved state, keeping them in lockstep
         loss = flat[4 * list(runs).index(bad[0])]
-        self.status = "diverged"
+        self.status, self.step = "diverged", rec["step"]
+        since = "this step" if restored_from == rec["step"] else f"step {restored_from}, the last checked state"
         self.message = (
-            f"training diverged at step {self.step} (lr {rec['lr']:.3g}): {', '.join(bad)} got a non-finite "
+            f"training diverged at step {rec['step']} (lr {rec['lr']:.3g}): {', '.join(bad)} got a non-finite "
             f"{'loss' if not math.isfinite(loss) else 'gradient or weight'}. Stopped and restored the weights from "
-            f"before this step; try a lower learning rate."
+            f"before {since}; try a lower learning rate."
         )
         return {**rec, "images_per_s": self._ips, "time_s": self._time, "status": "diverged",
                 "message": self.message, "diverged": bad, "nets": {}}

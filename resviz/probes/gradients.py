@@ -101,16 +101,25 @@ class GradientFlow(Probe):
         grads = [p.grad for p in self.params] if grads is None else list(grads)
         dev = self.params[0].device if self.params else torch.device("cpu")
         zero = torch.zeros((), device=dev)
-        # One small reduction per parameter tensor; all stay on the device (no host sync).
-        norms = [zero if g is None else torch.linalg.vector_norm(g.detach().float()) for g in grads]
+        # All norms in one multi-tensor call (a few kernels on a GPU, not one per tensor); no host sync.
+        present = [g.detach().float() for g in grads if g is not None]
+        got = iter(torch._foreach_norm(present) if present else [])
+        norms = [zero if g is None else next(got) for g in grads]
         norms = torch.stack(norms) if norms else torch.zeros(0, device=dev)
-        if self._member.device != dev:
-            self._member = self._member.to(dev)  # once, not per step
+        self.to(dev)
         blocks = (self._member @ norms.square()).sqrt()  # (B,)
         split = [torch.stack([zero if v is None else v.to(dev) for v in row]) for row in self._pending]
         self._rows.append(torch.cat([*split, blocks, norms]))
         self._pending = self._no_pending()
         self._prune()
+
+    def to(self, device: torch.device) -> GradientFlow:
+        """Keep the block-membership matrix on ``device`` (done by :meth:`record`; call it before a CUDA
+        graph capture, where a host-to-device copy is not allowed)."""
+        d, have = torch.device(device), self._member.device
+        if have.type != d.type or (d.index is not None and have.index != d.index):
+            self._member = self._member.to(d)
+        return self
 
     def _collect(self, clear: bool) -> dict[str, Tensor]:
         n, p = len(self.blocks), len(self.params)

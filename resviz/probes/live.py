@@ -87,10 +87,14 @@ class LiveProbes:
         ``(calls, B)``; ``grad_branch``, ``grad_shortcut``, ``grad_total``, ``grad_block`` ``(steps, B)``;
         ``grad_params`` ``(steps, P)``, columns named by :attr:`param_names`.
         """
+        return to_numpy(self.take())
+
+    def take(self) -> dict[str, Tensor]:
+        """Like :meth:`drain`, but the readings stay on the device (no host sync; safe in a CUDA graph)."""
         out: dict[str, Tensor] = {}
         for p in self.probes:
             out.update(p._collect(clear=True))
-        return to_numpy(out)
+        return out
 
     def reset(self) -> None:
         for p in self.probes:
