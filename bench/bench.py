@@ -265,6 +265,7 @@ def bare_graph_stepper(data: TensorDataset, *, batch: int) -> Callable[[], None]
         load()
         graph.replay()
 
+    step.keep = (net, opt, body)  # the graph writes into these tensors: they must outlive it
     return step
 
 
@@ -273,6 +274,7 @@ def section_gpu(quick: bool) -> list[Row]:
     if not torch.cuda.is_available():
         return [Row("6", f"{what}: Trainer with CUDA graphs", "not measured (no GPU in this environment)")]
     batch = 512
+    torch.backends.cudnn.benchmark = True  # for every row (the Trainer turns it on for itself on CUDA)
     data = random_data(batch * 16, device="cuda")
     gpu = {"batch": batch, "device": "cuda"}
     closers, trainers = [], []
@@ -281,7 +283,16 @@ def section_gpu(quick: bool) -> list[Row]:
                                 ("trainer_off", 0, "auto"), ("trainer_eager", APP_PROBE_EVERY, "off")):
         steppers[name], close = trainer_stepper(build_nets(NET, twin=False), data, every, graphs=graphs, keep=trainers, **gpu)
         closers.append(close)
-    warm(steppers, 10)  # warm-up and capture; 10 steps keep the Trainer's rounds on sync boundaries
+    for name, step in steppers.items():  # warm-up and capture; 10 steps keep the Trainer's rounds on sync boundaries
+        print(f"[bench] gpu: warming {name}", file=sys.stderr, flush=True)
+        for _ in range(10):
+            step()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(100):
+            step()
+        torch.cuda.synchronize()
+        print(f"[bench] gpu: {name} alone: {100 * batch / (time.perf_counter() - t0):.0f} img/s", file=sys.stderr, flush=True)
     for tr in trainers:
         print(f"[bench] gpu: Trainer graphs={tr.graphs!r} probe_every={tr.cfg.probe_every}: ran {tr.graph_mode!r} "
               f"{tr.graph_note}", file=sys.stderr, flush=True)

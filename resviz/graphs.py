@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -226,13 +227,20 @@ class GraphLoop:
                 return
 
     def _run(self, first: torch.Tensor, batches: Iterator[torch.Tensor]) -> Iterator[dict[str, Any]]:
+        """Enqueue steps; at the end of an interval start its host copy, and turn it into records only
+        after the next step is queued, so the GPU keeps working while the host reads and reports."""
         t = self.t
-        pending: list[tuple[int, float, int]] = []  # (step, lr, batch size) not yet synced
-        start, t0 = 0, 0.0
+        # Two alternating backups: while interval k is checked, interval k+1 has already saved its start.
+        backups = [{name: run.backup for name, run in self.runs.items()},
+                   {name: [b.clone() for b in run.backup] for name, run in self.runs.items()}]
+        pending: list[tuple[int, float, int]] = []  # (step, lr, batch size) of this interval
+        inflight: _Interval | None = None  # the last interval, copied to the host but not yet reported
+        slot, start, t0 = 0, 0, 0.0
         for idx in _chain(first, batches):
             if not pending:
-                for run in self.runs.values():
-                    run.save()  # the divergence guard's state: the start of this interval
+                slot = 1 - slot
+                for name, run in self.runs.items():
+                    torch._foreach_copy_(backups[slot][name], run.state)  # the state at this interval's start
                 start, t0 = t.step + 1, time.perf_counter()
             lr = lr_at(t.step, t.total_steps, t.cfg)
             probed = t._probe_due()
@@ -250,29 +258,68 @@ class GraphLoop:
                     self.pbuf[name].copy_(readings)
             t.step += 1
             pending.append((t.step, lr, len(yb)))
+            if inflight is not None:  # this step is queued: report the last interval meanwhile
+                yield from self._report(inflight, backups)
+                inflight = None
+                if t.status != "running":
+                    return
             if t.step % self.interval == 0 or probed or t._eval_due(t.step) or t.step >= t.total_steps:
-                for rec in self._flush(pending, probed, start, t0):
-                    yield rec
-                    if rec["status"] != "running":
-                        return
+                inflight = self._copy(pending, probed, start, t0, slot)
                 pending = []
+                if t._eval_due(t.step) or t.step >= t.total_steps:  # evaluation needs this very state
+                    yield from self._report(inflight, backups)
+                    inflight = None
+                    if t.status != "running":
+                        return
 
-    def _flush(self, pending: list[tuple[int, float, int]], probed: bool, start: int, t0: float) -> Iterator[dict[str, Any]]:
-        """Bring back the interval's values in one host copy and yield its records."""
-        t, n = self.t, len(pending)
-        parts = [self.hist[:n].reshape(-1)]
+    def _copy(self, pending: list[tuple[int, float, int]], probed: bool, start: int, t0: float, slot: int) -> _Interval:
+        """Start the interval's one device-to-host copy (metrics of every step, readings of a probed last step)."""
+        n = len(pending)
         names = list(self.pbuf) if probed else []
-        parts += [self.pbuf[name] for name in names]
-        host = torch.cat(parts).cpu().numpy()  # the one host sync of the interval
-        dt = (time.perf_counter() - t0) / n
-        vals, off = host[: n * 4 * len(self.runs)].reshape(n, -1), n * 4 * len(self.runs)
+        flat = torch.cat([self.hist[:n].reshape(-1), *(self.pbuf[name] for name in names)])  # a new tensor
+        event = None
+        if flat.device.type == "cuda":
+            host = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=True)
+            host.copy_(flat, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+        else:
+            host = flat.cpu()
+        return _Interval(list(pending), names, host, event, start, t0, slot)
+
+    def _report(self, iv: _Interval, backups: list[dict[str, list[torch.Tensor]]]) -> Iterator[dict[str, Any]]:
+        """Wait for an interval's copy (the one host sync of the interval) and yield its records."""
+        t, n, width = self.t, len(iv.pending), 4 * len(self.runs)
+        if iv.event is not None:
+            iv.event.synchronize()
+        host = iv.host.numpy()
+        dt = (time.perf_counter() - iv.t0) / n
+        vals, off = host[: n * width].reshape(n, width), n * width
         readings: dict[str, dict[str, np.ndarray]] = {}
-        for name in names:
+        for name in iv.names:
             size = self.pbuf[name].numel()
             readings[name] = self.steps_[name][True].unpack(host[off : off + size])
             off += size
-        for j, (step, lr, batch) in enumerate(pending):
-            yield t._record(self.runs, step, lr, vals[j].tolist(), batch, dt, lambda: readings, restored_from=start)
+        for name, run in self.runs.items():
+            run.backup = backups[iv.slot][name]  # what the divergence guard restores: this interval's start
+        for j, (step, lr, batch) in enumerate(iv.pending):
+            rec = t._record(self.runs, step, lr, vals[j].tolist(), batch, dt, lambda: readings, restored_from=iv.start)
+            yield rec
+            if rec["status"] != "running":
+                return
+
+
+@dataclass
+class _Interval:
+    """One logging interval on its way to the host."""
+
+    pending: list[tuple[int, float, int]]
+    names: list[str]  # nets whose readings follow the metrics in ``host``
+    host: torch.Tensor
+    event: torch.cuda.Event | None
+    start: int  # its first step
+    t0: float  # when it started (wall clock)
+    slot: int  # its backup
 
 
 def _chain(first: torch.Tensor, rest: Iterator[torch.Tensor]) -> Iterator[torch.Tensor]:

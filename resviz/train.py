@@ -243,6 +243,8 @@ class Trainer:
         self._x, self._y = (x.to(self.device), y.to(self.device)) if small else (x, y)
         if self.device.type == "cpu":
             keep_freed_memory()  # each step re-allocates the activations the last one freed
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN time its algorithms once
         self._gen = torch.Generator().manual_seed(self.cfg.seed)
         self._aug_gen = torch.Generator().manual_seed(self.cfg.seed + 1)
         fmt = torch.channels_last if self.cfg.channels_last else torch.contiguous_format

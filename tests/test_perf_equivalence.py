@@ -129,6 +129,26 @@ def test_two_pass_channel_statistics_match_var_mean(fmt: torch.memory_format) ->
     torch.testing.assert_close(mean.double(), ref_mean, rtol=1e-5, atol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_maps_are_measured_without_float_copies_to_the_same_numbers(dtype: torch.dtype) -> None:
+    """bf16/fp16 maps (CUDA autocast) are reduced with float32 accumulation straight from their own
+    dtype: the readings match those of the same maps upcast to float32 first."""
+    torch.manual_seed(0)
+    x = (torch.randn(16, 8, 12, 12) * 3.0 + 5.0).to(dtype).contiguous(memory_format=torch.channels_last)
+    var, mean = channel_var_mean(x)
+    ref_var, ref_mean = torch.var_mean(x.double(), dim=(0, 2, 3), correction=0)
+    assert var.dtype == mean.dtype == torch.float32
+    torch.testing.assert_close(var.double(), ref_var, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(mean.double(), ref_mean, rtol=1e-5, atol=1e-6)
+    f = torch.randn(16, 8, 12, 12).to(dtype).contiguous(memory_format=torch.channels_last)
+    s = (torch.randn(16, 8, 12, 12) * 4.0 + f.float()).to(dtype).contiguous(memory_format=torch.channels_last)
+    low = BranchMagnitudes._measure(f, s)
+    ref = BranchMagnitudes._measure(f.float(), s.float())
+    for name, a, b in zip(BranchMagnitudes.KEYS, low, ref):
+        assert a.dtype == torch.float32, name
+        torch.testing.assert_close(a, b, rtol=2e-4, atol=1e-5, msg=name)
+
+
 @pytest.mark.parametrize("cfg", [NET, NET_A], ids=["projection-B", "zero-pad-A"])
 def test_instrument_readings_do_not_depend_on_memory_layout(cfg: NetConfig) -> None:
     """Channels-last maps are read in their own order (no copy); the numbers match the NCHW ones."""

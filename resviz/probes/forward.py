@@ -10,9 +10,19 @@ from torch import nn
 
 from .base import Probe, Rows, Tensor
 
+F32 = torch.float32
+LOW = (torch.bfloat16, torch.float16)  # autocast dtypes: reduced with float32 accumulation, never copied to float32
+
+
+def norm_f32(x: Tensor, dim: int | tuple[int, ...] | None = None) -> Tensor:
+    """L2 norm as float32: low-precision tensors are read as they are, with float32 accumulation."""
+    if x.dtype in LOW:
+        return torch.linalg.vector_norm(x, dim=dim, dtype=F32)
+    return torch.linalg.vector_norm(x.float(), dim=dim)
+
 
 def _per_sample(x: Tensor, channels_last: bool) -> Tensor:
-    """``x`` as one float32 row per sample, (N, D), in NHWC element order when ``channels_last``.
+    """``x`` as one row per sample, (N, D), in NHWC element order when ``channels_last``; dtype kept.
 
     Flattening a channels-last map in NCHW order copies it; reading it in its own memory order is a
     view. A per-sample norm or dot product does not depend on the order as long as both operands use
@@ -21,7 +31,7 @@ def _per_sample(x: Tensor, channels_last: bool) -> Tensor:
     x = x.detach()
     if channels_last and x.dim() == 4:
         x = x.permute(0, 2, 3, 1)  # (N, H, W, C): a view of the same memory for channels-last maps
-    return x.reshape(x.shape[0], -1).float()
+    return x.reshape(x.shape[0], -1)
 
 
 def _is_channels_last(x: Tensor) -> bool:
@@ -29,23 +39,44 @@ def _is_channels_last(x: Tensor) -> bool:
 
 
 def _stats(x: Tensor, channels_last: bool) -> tuple[Tensor, Tensor]:
-    """Per-sample rows and their L2 norms: (N, D), (N,)."""
+    """Per-sample rows (input dtype) and their float32 L2 norms: (N, D), (N,).
+
+    ``dtype=float32`` makes the reduction accumulate in float32 while it reads a bf16/fp16 map (under
+    CUDA autocast) directly, instead of first writing a float32 copy twice its size.
+    """
     flat = _per_sample(x, channels_last)
-    return flat, torch.linalg.vector_norm(flat, dim=1)
+    return flat, norm_f32(flat, 1)
+
+
+def _row_dot(a: Tensor, b: Tensor) -> Tensor:
+    """Per-row dot products in float32: (N,). Low-precision rows are multiplied in their own dtype (each
+    product rounded once, unbiased) and summed in float32; float32 rows use ``vecdot`` as before."""
+    if a.dtype in LOW and b.dtype in LOW:
+        return (a * b).sum(1, dtype=F32)
+    return torch.linalg.vecdot(a.float(), b.float())
 
 
 def channel_var_mean(x: Tensor) -> tuple[Tensor, Tensor]:
     """Population variance and mean of each channel of an ``(N, C, H, W)`` map over N, H, W: (C,), (C,).
 
-    Two passes (mean, then mean squared deviation) instead of ``torch.var_mean(dim=(0, 2, 3))``, whose
-    CPU kernel is about 7x slower on these shapes in either memory layout (9.4 ms against 1.2 ms for
-    a (128, 16, 32, 32) map on one core of the development box). Agrees with it to float32 rounding.
+    float32 maps: two passes (mean, then mean squared deviation) instead of ``torch.var_mean(dim=(0, 2,
+    3))``, whose CPU kernel is about 7x slower on these shapes in either memory layout (9.4 ms against
+    1.2 ms for a (128, 16, 32, 32) map on one core of the development box); agrees with it to float32
+    rounding. bf16/fp16 maps (CUDA autocast): one read each for the sum and the sum of squares,
+    accumulated in float32, then var = E[x^2] - E[x]^2 (clamped at 0) -- the two-pass version would
+    first write a float32 copy and two float32 temporaries, five times the memory traffic.
     """
-    x = x.detach().float()
+    x = x.detach()
     dims = (0, *range(2, x.dim()))
-    mean = x.mean(dims, keepdim=True)  # (1, C, 1, 1)
-    var = (x - mean).square().mean(dims)
-    return var, mean.flatten()
+    if x.dtype not in LOW:
+        x = x.float()
+        mean = x.mean(dims, keepdim=True)  # (1, C, 1, 1)
+        var = (x - mean).square().mean(dims)
+        return var, mean.flatten()
+    count = x.numel() // x.shape[1]
+    mean = x.sum(dims, dtype=F32) / count
+    mean_sq = norm_f32(x, dims).square() / count
+    return (mean_sq - mean.square()).clamp_min(0.0), mean
 
 
 class BranchMagnitudes(Probe):
@@ -88,7 +119,7 @@ class BranchMagnitudes(Probe):
         s_norm = sn.mean() if sn is not None else zero
         if ff is None or ss is None:
             return f_norm, s_norm, (zero if ss is not None else nan), nan
-        cos = torch.linalg.vecdot(ff, ss) / (fn * sn).clamp_min(torch.finfo(torch.float32).tiny)  # no (N, D) temporary
+        cos = _row_dot(ff, ss) / (fn * sn).clamp_min(torch.finfo(F32).tiny)
         return f_norm, s_norm, f_norm / s_norm, cos.mean()
 
     def _collect(self, clear: bool) -> dict[str, Tensor]:

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from .base import Probe, Tensor
+from .forward import norm_f32
 
 
 class GradientFlow(Probe):
@@ -50,6 +51,7 @@ class GradientFlow(Probe):
         for j, p in enumerate(self.params):
             if id(p) in owner:
                 self._member[owner[id(p)], j] = 1.0
+        self._member_host = self._member
         self.keep_grads = keep_grads
         self.last_grads: list[dict[str, Tensor]] = [{} for _ in self.blocks]
         self._pending = self._no_pending()
@@ -80,7 +82,8 @@ class GradientFlow(Probe):
     def _grad_hook(self, i: int, slot: int) -> Callable[[Tensor], None]:
         def hook(grad: Tensor) -> None:
             if self._active:
-                self._pending[slot][i] = torch.linalg.vector_norm(grad.detach().float())
+                # float32 accumulation straight from a bf16 gradient: no float32 copy of it
+                self._pending[slot][i] = norm_f32(grad.detach())
                 if self.keep_grads:
                     self.last_grads[i][self.KEYS[slot]] = grad.detach().clone()
 
@@ -118,7 +121,7 @@ class GradientFlow(Probe):
         graph capture, where a host-to-device copy is not allowed)."""
         d, have = torch.device(device), self._member.device
         if have.type != d.type or (d.index is not None and have.index != d.index):
-            self._member = self._member.to(d)
+            self._member = self._member_host.to(d, non_blocking=True)  # its source stays alive: no host sync needed
         return self
 
     def _collect(self, clear: bool) -> dict[str, Tensor]:

@@ -107,7 +107,7 @@ def preserved(net: nn.Module) -> Iterator[None]:
     saved = [b.detach().clone() for b in net.buffers()]
     p = next(net.parameters(), None)
     dev = p.device if p is not None else torch.device("cpu")
-    devices, kind = ([dev], dev.type) if dev.type != "cpu" else ([], None)
+    devices, kind = ([dev], dev.type) if dev.type != "cpu" else ([], "cuda")  # no devices: the type is unused
     with torch.random.fork_rng(devices=devices, device_type=kind):
         try:
             yield
