@@ -126,7 +126,8 @@ def _controls(job: TrainingJob | None, start_args: tuple) -> None:
 def _progress(snap: dict) -> None:
     eta = f" · ETA {snap['eta_s']:.0f} s" if snap["eta_s"] is not None else ""
     text = (f"step {snap['step']}/{snap['total_steps'] or '?'} · epoch {snap['epoch']:.2f} · "
-            f"{snap['images_per_s']:.0f} images/s{eta} · {snap['status']}")
+            f"{snap['images_per_s']:.0f} images/s{eta} · {snap['status']}"
+            + (f" · {snap['engine']}" if snap.get("engine") else ""))
     st.progress(min(1.0, snap["progress"]), text=text)
     if snap["status"] in STATUS_BOX:
         msg = {"finished": "Training finished.", "stopped": "Training was stopped."}.get(snap["status"], "")

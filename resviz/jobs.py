@@ -112,6 +112,7 @@ class TrainingJob:
         self._history: dict[str, Series] = {}
         self._probes: dict[str, Series] = {}
         self._param_names: dict[str, list[str]] = {}
+        self._engine = ""  # how the GPU runs the steps ("" on CPU), see engine_text()
 
     # -- control ------------------------------------------------------------------------------
     def start(self) -> TrainingJob:
@@ -190,6 +191,7 @@ class TrainingJob:
                 "history": {k: s.arrays() for k, s in self._history.items()},
                 "probes": {k: s.arrays() for k, s in self._probes.items()},
                 "param_names": {k: list(v) for k, v in self._param_names.items()},
+                "engine": self._engine,
             }
 
     # -- worker -------------------------------------------------------------------------------
@@ -229,6 +231,7 @@ class TrainingJob:
         with self._lock:
             self._last = rec
             self._param_names = trainer.param_names
+            self._engine = engine_text(trainer)
             if rec["status"] == "diverged":  # the failed step's numbers are not part of the curves
                 return
             for key, value in flatten_record(rec).items():
@@ -247,6 +250,16 @@ class TrainingJob:
         with self._lock:
             self._status, self._error, self._ended = status, error, time.time()
             self._go.set()
+
+
+def engine_text(trainer: Trainer) -> str:
+    """How a GPU run executes its steps, for the progress line: "CUDA graphs", or the eager loop and
+    why; "" on a CPU, where there is only one way."""
+    if trainer.device.type == "cpu":
+        return ""
+    if trainer.graph_mode == "cuda":
+        return "CUDA graphs"
+    return f"eager loop ({trainer.graph_note})" if trainer.graph_note else "eager loop"
 
 
 def live_workers() -> int:

@@ -69,6 +69,16 @@ def test_job_runs_to_completion_with_bounded_finite_history():
     assert grad_steps.tolist() == [2, 4, 6] and grad.shape == (3, NET.num_blocks)
     assert len(snap["param_names"]["residual"]) > 0 and snap["net_cfg"] == NET.to_dict()
     assert not job.nets["residual"].blocks[0]._forward_hooks  # instruments detached
+    assert snap["engine"] == ""  # CPU: nothing to say about CUDA graphs
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_jobs_say_how_their_steps_run():
+    job = TrainingJob(NET, _data(), _cfg(epochs=3, device="cuda")).start()
+    assert job.join(120) and job.status == "finished", job.error
+    assert job.snapshot()["engine"] == "CUDA graphs"
+    job = TrainingJob(NET, _data(), _cfg(epochs=3, device="cuda", optimizer="adamw")).start()
+    assert job.join(120) and job.snapshot()["engine"].startswith("eager loop (") and "adamw" in job.snapshot()["engine"]
 
 
 def test_start_pause_resume_stop():
