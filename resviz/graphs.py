@@ -22,7 +22,7 @@ step is replayed from a CUDA graph as when it is launched op by op (``bench/benc
 
 The first ``WARMUP`` steps run eagerly on a side stream (they create cuDNN/cuBLAS handles and the
 momentum buffers, as a capture requires), then the graphs are captured. What cannot be captured falls
-back to the eager loop with a note in ``trainer.graph_note``: AdamW, data on the host, too few steps.
+back to the eager loop with a note in ``trainer.graph_note`` (AdamW, too few steps, a failed capture).
 
 ``capture=False`` ("static" mode) runs the very same step function eagerly, on any device: the CPU
 tests use it to check the loop's bookkeeping, :func:`sgd_step` and the deferred divergence guard
