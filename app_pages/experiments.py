@@ -89,31 +89,42 @@ def show_result(result: dict[str, Any], key: str) -> None:
                        mime="application/json", key=f"{key}_download")
 
 
-def _live(job_id: str) -> None:
+def _live(job_id: str, was_running: bool) -> None:
     job = current_job()
     if job is None or job.id != job_id:
         return
     snap = job.snapshot()
-    st.progress(min(1.0, snap["progress"]), text=f"{STUDIES[snap['name']].title}: {snap['message'] or 'starting'}")
-    if snap["status"] not in ("pending", "running"):
+    if snap["status"] in ("pending", "running"):
+        st.progress(min(1.0, snap["progress"]), text=f"{STUDIES[snap['name']].title}: {snap['message'] or 'starting'}")
+    elif was_running:
         st.rerun()  # the whole page redraws with the result
 
 
 def _job_panel(job: StudyJob | None) -> None:
+    """Stop button, live progress, then the outcome; each in a block that keeps its place in every state.
+
+    The live fragment is placed whether the study runs or not (without a timer once it has ended): a
+    refresh already on its way when the study ended then lands in the fragment's own block instead of
+    on an element of the result, which would crash the browser's page.
+    """
     if job is None:
         return
     snap = job.snapshot()
-    if snap["status"] in ("pending", "running"):
-        if st.button("Stop", key="x_stop", icon=":material/stop:"):
+    running = snap["status"] in ("pending", "running")
+    controls = st.container()
+    st.fragment(_live, run_every=REFRESH_S if running else None)(job.id, running)
+    body = st.container()
+    if running:
+        if controls.button("Stop", key="x_stop", icon=":material/stop:"):
             job.stop()
-        st.fragment(_live, run_every=REFRESH_S)(job.id)
     elif snap["status"] == "failed":
-        st.error(f"The study failed: {snap['error']}")
+        body.error(f"The study failed: {snap['error']}")
     elif snap["status"] == "stopped":
-        st.warning("The study was stopped.")
+        body.warning("The study was stopped.")
     elif snap["result"] is not None:
-        st.subheader(f"{STUDIES[snap['name']].title} ({snap['budget']} budget, seed {snap['seed']})")
-        show_result(snap["result"], key=f"x_{snap['id']}")
+        with body:
+            st.subheader(f"{STUDIES[snap['name']].title} ({snap['budget']} budget, seed {snap['seed']})")
+            show_result(snap["result"], key=f"x_{snap['id']}")
 
 
 def _open_run() -> None:

@@ -171,8 +171,8 @@ def collect_trained() -> None:
             common.add_trained_model(f"{base} · {role}", common.TrainedModel(net, info))
 
 
-def _status_line(job_id: str) -> None:
-    job = registry().find(session_id(), job_id)
+def _status_line(job_id: str | None) -> None:
+    job = registry().find(session_id(), job_id) if job_id is not None else None
     if job is None:
         return
     snap = job.snapshot()
@@ -183,8 +183,13 @@ def _status_line(job_id: str) -> None:
 
 
 def sync_session() -> None:
-    """Hand ended runs to the Inspect page and show a self-refreshing progress line for the active run."""
+    """Hand ended runs to the Inspect page and show a self-refreshing progress line for the active run.
+
+    The fragment is placed whether a run is active or not (empty and without a timer when none is), so
+    its block keeps its place in the sidebar: a refresh that was already on its way when the run ended
+    then lands in that block. Were the block to vanish, the caption after it would take its place, and
+    such a late refresh would crash the browser's page ("'setIn' cannot be called on an ElementNode").
+    """
     collect_trained()
     job = active_job()
-    if job is not None:
-        st.fragment(_status_line, run_every=2.0)(job.id)
+    st.fragment(_status_line, run_every=2.0 if job is not None else None)(job.id if job is not None else None)

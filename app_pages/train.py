@@ -177,11 +177,18 @@ def _live_view(job_id: str, was_active: bool) -> None:
             st.info("This run is no longer available.")
             return
         snap = job.snapshot()
-        _progress(snap)
-        _latest_metrics(snap)
-        fig = _figure("curves", (snap["id"], snap["step"]), lambda: train_live.curves_figure(snap))
-        st.plotly_chart(fig, key="t_curves")
-        _probe_charts(snap)
+        # One container per part, so every part keeps its index in the fragment whatever the run's state
+        # (a status box appears when it ends): a refresh already on its way when the state changed then
+        # still finds a block where it writes into one, never an element (which crashes the page).
+        with st.container():
+            _progress(snap)
+        with st.container():
+            _latest_metrics(snap)
+        with st.container():
+            fig = _figure("curves", (snap["id"], snap["step"]), lambda: train_live.curves_figure(snap))
+            st.plotly_chart(fig, key="t_curves")
+        with st.container():
+            _probe_charts(snap)
     if was_active and not job.active:
         st.rerun()  # the run just ended: refresh the buttons, the run list and the Inspect hand-over
 

@@ -37,6 +37,7 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networki
 STATED = {"residual": 0.591, "plain": 0.158}
 TTA_LIMIT_S = 60.0
 PAYLOAD_LIMIT_KB = 300.0
+STALL_S = 60.0  # a live page whose text does not change for this long has stalled
 PROGRESS = re.compile(r"step (\d+)/(\d+) · epoch [\d.]+ · (\d+) images/s")
 
 
@@ -146,9 +147,18 @@ def run_in_browser(browser: Any, server: AppServer, timeout_s: float = 600.0) ->
         before, t0 = received[0], time.perf_counter()
         _press_start(page, start)
         samples, total, text, finished = [], 0, "", False
+        changed, last_text = time.perf_counter(), ""
         while time.perf_counter() - t0 < timeout_s:
             time.sleep(1.0)
             text = page.locator("body").inner_text()
+            if text != last_text:
+                changed, last_text = time.perf_counter(), text
+            elif time.perf_counter() - changed > STALL_S:  # the page stopped changing: say so, do not wait on
+                shot = f"/tmp/resviz-bench-stalled-{int(t0)}.png"
+                page.screenshot(path=shot, full_page=True)
+                print(f"[bench] app: the page did not change for {STALL_S:.0f} s (screenshot {shot}); page text:\n"
+                      f"{text[:3000]}", file=sys.stderr, flush=True)
+                break
             m = PROGRESS.search(text)
             if m:
                 step, total, ips = int(m[1]), int(m[2]), float(m[3])

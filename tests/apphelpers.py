@@ -47,3 +47,12 @@ def poll(at: AppTest, done: Callable[[AppTest], bool], timeout: float = 90.0, ev
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out; progress: {[p.proto.text for p in at.get('progress')]}")
         time.sleep(every)
+
+
+def kinds(node: object) -> list[str]:
+    """Block or element at each index of a node's children: where a late refresh of a live fragment
+    writes, a block must stay a block (an element there crashes the browser's page)."""
+    from streamlit.testing.v1.element_tree import Block
+
+    children = node.children  # type: ignore[attr-defined]
+    return ["block" if isinstance(children[i], Block) else "element" for i in sorted(children)]

@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 
 import pytest
-from apphelpers import ROOT, TINY, app, ok
+from apphelpers import ROOT, TINY, app, kinds, ok
 
 from resviz.experiments.runner import run_study
 
@@ -37,6 +37,7 @@ def test_run_button_starts_a_study_that_stop_ends(tmp_path: Path, monkeypatch: p
     at.button(key="x_run_button").click().run()
     ok(at)
     assert at.button(key="x_stop") is not None and at.selectbox(key="x_study").disabled
+    running = kinds(at.main)
     at.button(key="x_stop").click().run()
     deadline = time.monotonic() + 60
     while not any("stopped" in w.value for w in at.warning):
@@ -44,3 +45,7 @@ def test_run_button_starts_a_study_that_stop_ends(tmp_path: Path, monkeypatch: p
         time.sleep(0.5)
         at.run()
     ok(at)
+    # the live fragment and the blocks around it keep their places once the study has ended (a late
+    # refresh of the fragment must find a block, not an element: that would crash the browser's page)
+    assert kinds(at.main) == running
+

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from apphelpers import ROOT, TINY, app, metric, ok, poll
+from apphelpers import ROOT, TINY, app, kinds, metric, ok, poll
 from streamlit.testing.v1 import AppTest
 
 PAGE = "app_pages/train.py"
@@ -145,3 +145,26 @@ def test_url_keys_do_not_collide() -> None:
     keys = [*urlconfig.NET_KEYS, *urlconfig.BLOCK_KEYS, urlconfig.SKIPS_KEY, *urlconfig.TRAIN_KEYS,
             common.DATASET_KEY, common.TWIN_KEY, common.SIZE_KEY]
     assert len(keys) == len(set(keys))
+
+
+def test_live_regions_keep_their_blocks_when_a_run_ends() -> None:
+    """A refresh of a live region already on its way when the run ends must find a block where it writes.
+
+    The sidebar's status fragment and the Train page's live fragment keep their place, and every part of
+    the live fragment is its own block, in both states: were an element to take a block's place, a late
+    refresh would crash the browser's page ("'setIn' cannot be called on an ElementNode").
+    """
+    from streamlit.testing.v1.element_tree import Block
+
+    at = ok(app({**RUN, "ep": "30"}, PAGE))
+    at.button(key="t_start").click().run()
+    ok(at)
+    assert _status(at) in ("pending", "running")
+    side_running = kinds(at.sidebar)
+    live = [i for i, c in sorted(at.main.children.items()) if isinstance(c, Block) and c.get("plotly_chart")]
+    parts_running = kinds(at.main.children[live[-1]])
+    at.button(key="t_stop").click().run()
+    poll(at, lambda a: _status(a) == "stopped")
+    ok(at)
+    assert kinds(at.sidebar) == side_running and "block" in side_running
+    assert kinds(at.main.children[live[-1]]) == parts_running == ["block"] * 4
