@@ -32,6 +32,7 @@ against the eager Trainer.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -124,12 +125,8 @@ class _NetStep:
                 taken = self.probe.take()  # {key: (1, B) or (1, P)}, on the device
                 self.layout = [(k, tuple(v.shape)) for k, v in taken.items()]
                 readings = torch.cat([v.reshape(-1).float() for v in taken.values()])
-        grads = [p.grad for p in run.params if p.grad is not None]
-        gnorm = torch.nn.utils.get_total_norm(grads) if grads else loss.new_zeros(())
-        sgd_step(run.opt, self.lr)
-        pnorm = torch.nn.utils.get_total_norm([p.detach() for p in run.params])
-        correct = (logits.argmax(1) == self.ys).sum().float()
-        return torch.stack([loss.detach().float(), correct, gnorm.float(), pnorm.float()]), readings
+        metrics = run.update_and_measure(loss, logits, self.ys, lambda: sgd_step(run.opt, self.lr))
+        return torch.stack(metrics), readings
 
     def run(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         if self.graph is not None:
@@ -161,15 +158,12 @@ class GraphLoop:
     def _warmup(self, batches: Iterator[torch.Tensor]) -> list[dict[str, Any]]:
         """The first steps, eager, on a side stream (their records are returned, not yielded, so the
         consumer never runs inside the stream context)."""
-        t, recs = self.t, []
+        t = self.t
         stream = torch.cuda.Stream(t.device) if self.capture else None
         if stream is not None:
             stream.wait_stream(torch.cuda.current_stream(t.device))
         with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
-            for idx in batches:
-                recs.append(t._step(self.runs, idx))
-                if recs[-1]["status"] != "running" or len(recs) >= WARMUP:
-                    break
+            recs = list(itertools.islice(t._eager_steps(self.runs, batches), WARMUP))  # takes no batch beyond
         if stream is not None:
             torch.cuda.current_stream(t.device).wait_stream(stream)
         return recs
@@ -214,17 +208,10 @@ class GraphLoop:
             for run in self.runs.values():
                 run.opt.zero_grad(set_to_none=True)
             torch.cuda.synchronize(t.device)
-            yield from self._eager(first, batches)
+            yield from t._eager_steps(self.runs, _chain(first, batches))
             return
         t.graph_mode = "cuda" if self.capture else "static"
         yield from self._run(first, batches)
-
-    def _eager(self, first: torch.Tensor, batches: Iterator[torch.Tensor]) -> Iterator[dict[str, Any]]:
-        for idx in _chain(first, batches):
-            rec = self.t._step(self.runs, idx)
-            yield rec
-            if rec["status"] != "running":
-                return
 
     def _run(self, first: torch.Tensor, batches: Iterator[torch.Tensor]) -> Iterator[dict[str, Any]]:
         """Enqueue steps; at the end of an interval start its host copy, and turn it into records only
@@ -240,7 +227,7 @@ class GraphLoop:
             if not pending:
                 slot = 1 - slot
                 for name, run in self.runs.items():
-                    torch._foreach_copy_(backups[slot][name], run.state)  # the state at this interval's start
+                    run.save(backups[slot][name])  # the state at this interval's start
                 start, t0 = t.step + 1, time.perf_counter()
             lr = lr_at(t.step, t.total_steps, t.cfg)
             probed = t._probe_due()
@@ -263,10 +250,11 @@ class GraphLoop:
                 inflight = None
                 if t.status != "running":
                     return
-            if t.step % self.interval == 0 or probed or t._eval_due(t.step) or t.step >= t.total_steps:
+            final = t._eval_due(t.step)  # an evaluation point, the last step included
+            if t.step % self.interval == 0 or probed or final:
                 inflight = self._copy(pending, probed, start, t0, slot)
                 pending = []
-                if t._eval_due(t.step) or t.step >= t.total_steps:  # evaluation needs this very state
+                if final:  # evaluation needs this very state
                     yield from self._report(inflight, backups)
                     inflight = None
                     if t.status != "running":

@@ -47,7 +47,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -169,8 +169,20 @@ class _Run:
         self.backup = [t.detach().clone() for t in self.state]
 
     @torch.no_grad()
-    def save(self) -> None:
-        torch._foreach_copy_(self.backup, self.state)  # one call for all tensors
+    def save(self, into: list[torch.Tensor] | None = None) -> None:
+        """Copy the state into ``backup`` (or into ``into``, a list shaped like it), in one call."""
+        torch._foreach_copy_(self.backup if into is None else into, self.state)
+
+    def update_and_measure(self, loss: torch.Tensor, logits: torch.Tensor, yb: torch.Tensor,
+                           update: Callable[[], None]) -> list[torch.Tensor]:
+        """After ``loss.backward()``: the gradient norm, then ``update()``, then the weight norm and the
+        correct count; device-side [loss, correct, grad_norm, param_norm] (no host sync)."""
+        grads = [p.grad for p in self.params if p.grad is not None]
+        gnorm = torch.nn.utils.get_total_norm(grads) if grads else loss.new_zeros(())
+        update()
+        pnorm = torch.nn.utils.get_total_norm([p.detach() for p in self.params])
+        correct = (logits.argmax(1) == yb).sum().float()
+        return [loss.detach().float(), correct, gnorm.float(), pnorm.float()]
 
     @torch.no_grad()
     def restore(self) -> None:
@@ -224,14 +236,8 @@ class Trainer:
         self._probes = self._make_probes()
         try:
             loop = self._graph_loop(runs)
-            if loop is not None:
-                yield from loop.steps(self._batch_indices())
-                return
-            for idx in self._batch_indices():
-                rec = self._step(runs, idx)
-                yield rec
-                if rec["status"] != "running":
-                    return
+            batches = self._batch_indices()
+            yield from loop.steps(batches) if loop is not None else self._eager_steps(runs, batches)
         finally:
             if self.status == "running":
                 self.status = "stopped"
@@ -251,6 +257,14 @@ class Trainer:
         for net in self.nets.values():
             net.to(self.device, memory_format=fmt).train()
         return {name: _Run(net, self.cfg) for name, net in self.nets.items()}
+
+    def _eager_steps(self, runs: dict[str, _Run], batches: Iterator[torch.Tensor]) -> Iterator[dict[str, Any]]:
+        """One step and one record per batch, until a record ends the run."""
+        for idx in batches:
+            rec = self._step(runs, idx)
+            yield rec
+            if rec["status"] != "running":
+                return
 
     def _graph_loop(self, runs: dict[str, _Run]) -> Any:
         """A :class:`resviz.graphs.GraphLoop` when ``graphs`` asks for one and it can run here, else None."""
@@ -314,12 +328,7 @@ class Trainer:
             loss.backward()
             if probe is not None:
                 probe.record()
-        grads = [p.grad for p in run.params if p.grad is not None]
-        gnorm = torch.nn.utils.get_total_norm(grads) if grads else loss.new_zeros(())
-        run.opt.step()
-        pnorm = torch.nn.utils.get_total_norm([p.detach() for p in run.params])
-        correct = (logits.argmax(1) == yb).sum().float()
-        return [loss.detach().float(), correct, gnorm.float(), pnorm.float()]
+        return run.update_and_measure(loss, logits, yb, run.opt.step)
 
     def _step(self, runs: dict[str, _Run], idx: torch.Tensor) -> dict[str, Any]:
         t0 = time.perf_counter()
@@ -331,7 +340,8 @@ class Trainer:
         return self._record(runs, self.step, lr, flat, len(yb), time.perf_counter() - t0, self._drain_probes)
 
     def _record(self, runs: dict[str, _Run], step: int, lr: float, flat: list[float], batch: int, dt: float,
-                probes: Any, *, restored_from: int | None = None) -> dict[str, Any]:
+                probes: Callable[[], dict[str, dict[str, np.ndarray]]], *, restored_from: int | None = None,
+                ) -> dict[str, Any]:
         """The record of ``step`` from its synced ``flat`` values (4 per net); ``probes()`` gives its readings.
 
         A non-finite value ends the run: every net gets back its saved tensors, which are those from
