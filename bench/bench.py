@@ -82,25 +82,34 @@ def random_data(n: int, seed: int = 0, device: str = "cpu") -> TensorDataset:
     return TensorDataset(x.to(device), y.to(device))
 
 
-def bare_stepper(data: TensorDataset, channels_last: bool, *, batch: int = BATCH, device: str = "cpu", bf16: bool = False,
-                 compile_mode: str | None = None) -> Callable[[], None]:
+def batch_cycle(n: int, batch: int, device: str | torch.device) -> Callable[[], torch.Tensor]:
+    """The indices of the next batch of one seeded permutation of ``n`` samples, round and round."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(0)).to(device)
+    state = {"i": 0}
+
+    def next_batch() -> torch.Tensor:
+        i = state["i"] % (n // batch)
+        state["i"] += 1
+        return perm[i * batch:(i + 1) * batch]
+
+    return next_batch
+
+
+def bare_stepper(data: TensorDataset, channels_last: bool, *, batch: int = BATCH, device: str = "cpu",
+                 bf16: bool = False) -> Callable[[], None]:
     """Baseline: a bare PyTorch loop on the same net, data in memory, SGD momentum, cross-entropy."""
     torch.manual_seed(0)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     net = build_net(NET).to(device, memory_format=fmt).train()
     opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
-    model = torch.compile(net, mode=compile_mode) if compile_mode else net
     x, y = data.tensors
-    g = torch.Generator().manual_seed(0)
-    state = {"perm": torch.randperm(len(y), generator=g), "i": 0}
+    next_batch = batch_cycle(len(y), batch, x.device)
 
     def step() -> None:
-        i = state["i"] % (len(y) // batch)
-        state["i"] += 1
-        idx = state["perm"][i * batch:(i + 1) * batch].to(x.device)
+        idx = next_batch()
         xb = x[idx].contiguous(memory_format=fmt)
         with torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
-            loss = F.cross_entropy(model(xb).float(), y[idx])
+            loss = F.cross_entropy(net(xb).float(), y[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -275,13 +284,10 @@ def bare_graph_stepper(data: TensorDataset, *, batch: int) -> Callable[[], None]
     x, y = data.tensors
     xs = torch.empty((batch, *x.shape[1:]), device="cuda").contiguous(memory_format=torch.channels_last)
     ys = torch.empty(batch, dtype=y.dtype, device="cuda")
-    g = torch.Generator().manual_seed(0)
-    state = {"perm": torch.randperm(len(y), generator=g).cuda(), "i": 0}
+    next_batch = batch_cycle(len(y), batch, "cuda")
 
     def load() -> None:
-        i = state["i"] % (len(y) // batch)
-        state["i"] += 1
-        idx = state["perm"][i * batch:(i + 1) * batch]
+        idx = next_batch()
         xs.copy_(x[idx])
         ys.copy_(y[idx])
 
@@ -326,16 +332,7 @@ def section_gpu(quick: bool) -> list[Row]:
                                 ("trainer_off", 0, "auto"), ("trainer_eager", APP_PROBE_EVERY, "off")):
         steppers[name], close = trainer_stepper(build_nets(NET, twin=False), data, every, graphs=graphs, keep=trainers, **gpu)
         closers.append(close)
-    for name, step in steppers.items():  # warm-up and capture; 10 steps keep the Trainer's rounds on sync boundaries
-        print(f"[bench] gpu: warming {name}", file=sys.stderr, flush=True)
-        for _ in range(10):
-            step()
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(100):
-            step()
-        torch.cuda.synchronize()
-        print(f"[bench] gpu: {name} alone: {100 * batch / (time.perf_counter() - t0):.0f} img/s", file=sys.stderr, flush=True)
+    warm(steppers, 10)  # warm-up and capture; 10 steps keep the Trainer's rounds on sync boundaries
     for tr in trainers:
         print(f"[bench] gpu: Trainer graphs={tr.graphs!r} probe_every={tr.cfg.probe_every}: ran {tr.graph_mode!r} "
               f"{tr.graph_note}", file=sys.stderr, flush=True)
