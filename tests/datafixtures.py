@@ -11,9 +11,12 @@ import pickle
 import struct
 import tarfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
+import torch
 from PIL import Image
+from torch.utils.data import TensorDataset
 
 MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 CIFAR_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -97,3 +100,15 @@ def write_image_folder(root: Path, classes: dict[str, int], size: tuple[int, int
             arr[:2, :2] = 40 * c  # a class mark in the top-left corner
             Image.fromarray(arr).save(root / name / f"{i}.png")
     return root
+
+
+def channel_problem(n_train: int, n_test: int, seed: int = 0) -> SimpleNamespace:
+    """A learnable 3-class problem in memory (16x16, 3 channels): the class sets which channel is brighter.
+
+    ``train`` and ``test`` are TensorDatasets drawn from one seeded generator.
+    """
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, 3, (n_train + n_test,), generator=g)
+    x = torch.randn(n_train + n_test, 3, 16, 16, generator=g) * 0.5
+    x[torch.arange(len(y)), y] += 1.0
+    return SimpleNamespace(train=TensorDataset(x[:n_train], y[:n_train]), test=TensorDataset(x[n_train:], y[n_train:]))

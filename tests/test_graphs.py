@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from torch.utils.data import TensorDataset
+from datafixtures import channel_problem
 
 from resviz import NetConfig, TrainConfig
 from resviz.distributed import DistributedTrainer
@@ -24,11 +24,7 @@ CUDA = torch.cuda.is_available()
 
 
 def _data(n: int = 192, seed: int = 0) -> SimpleNamespace:
-    g = torch.Generator().manual_seed(seed)
-    y = torch.randint(0, 3, (n + 64,), generator=g)
-    x = torch.randn(n + 64, 3, 16, 16, generator=g) * 0.5
-    x[torch.arange(len(y)), y] += 1.0
-    return SimpleNamespace(train=TensorDataset(x[:n], y[:n]), test=TensorDataset(x[n:], y[n:]))
+    return channel_problem(n, 64, seed)
 
 
 def _cfg(**kw: object) -> TrainConfig:

@@ -12,7 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from torch.utils.data import TensorDataset
+from datafixtures import channel_problem
 
 from resviz import BlockConfig, NetConfig, TrainConfig, build_net
 from resviz.malloc import keep_freed_memory
@@ -26,11 +26,7 @@ KEYS = ("loss", "acc", "grad_norm", "param_norm")
 
 
 def _data(n: int = 96, seed: int = 0) -> SimpleNamespace:
-    g = torch.Generator().manual_seed(seed)
-    y = torch.randint(0, 3, (n + 32,), generator=g)
-    x = torch.randn(n + 32, 3, 16, 16, generator=g) * 0.5
-    x[torch.arange(len(y)), y] += 1.0
-    return SimpleNamespace(train=TensorDataset(x[:n], y[:n]), test=TensorDataset(x[n:], y[n:]))
+    return channel_problem(n, 32, seed)
 
 
 def _cfg(**kw: object) -> TrainConfig:

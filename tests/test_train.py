@@ -6,6 +6,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from datafixtures import channel_problem
 from torch.utils.data import TensorDataset
 
 from resviz import NetConfig, TrainConfig, build_net
@@ -16,11 +17,7 @@ NET = NetConfig(depth=8, width=8, input_size=16, num_classes=3)
 
 def _data(n_train: int = 96, n_test: int = 48, seed: int = 0) -> SimpleNamespace:
     """A learnable 3-class problem: the class sets which channel is brighter."""
-    g = torch.Generator().manual_seed(seed)
-    y = torch.randint(0, 3, (n_train + n_test,), generator=g)
-    x = torch.randn(n_train + n_test, 3, 16, 16, generator=g) * 0.5
-    x[torch.arange(len(y)), y] += 1.0
-    return SimpleNamespace(train=TensorDataset(x[:n_train], y[:n_train]), test=TensorDataset(x[n_train:], y[n_train:]))
+    return channel_problem(n_train, n_test, seed)
 
 
 def _cfg(**kw) -> TrainConfig:
