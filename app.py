@@ -20,14 +20,14 @@ ROOT = Path(__file__).parent
 PAGES = (
     ("app_pages/design.py", "Design", ":material/architecture:"),
     ("app_pages/train.py", "Train", ":material/model_training:"),
-    ("app_pages/inspect.py", "Inspect", ":material/search:"),
+    ("app_pages/inspection.py", "Inspect", ":material/search:"),
     ("app_pages/experiments.py", "Experiments", ":material/science:"),
 )
 
 
 def navigation() -> StreamlitPage:
     pages = [
-        st.Page(path, title=title, icon=icon, default=i == 0)
+        st.Page(path, title=title, icon=icon, default=i == 0, url_path=None if i == 0 else title.lower())
         for i, (path, title, icon) in enumerate(PAGES)
         if (ROOT / path).is_file()
     ]

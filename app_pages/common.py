@@ -4,7 +4,7 @@ Session-state keys (initialised once per browser session by :func:`init_state`):
 
 ``net_config``       :class:`resviz.NetConfig` being designed (the Design page edits it, Train uses it).
 ``train_config``     :class:`resviz.TrainConfig` of the next run (the Train page edits it).
-``dataset_name``     name of the dataset for the next run (``resviz.data.available_datasets()``).
+``dataset_name``     name of the dataset for the next run (``resviz.data.datasets.available_datasets()``).
 ``data_folder``      path of a folder of user images, used when ``dataset_name == "imagefolder"``.
 ``train_twin``       bool: train the plain twin alongside (default True).
 ``train_size``       number of training images to load.
@@ -207,7 +207,7 @@ def with_dataset_shape(cfg: NetConfig, classes: int, channels: int) -> NetConfig
 @st.cache_resource(show_spinner=False)
 def devices() -> tuple[str, list[str]]:
     """The device training picks automatically and every device this machine offers."""
-    from resviz.train import resolve_device
+    from resviz.train.trainer import resolve_device
 
     auto = str(resolve_device("auto"))
     found = ["cpu"]
@@ -228,7 +228,7 @@ ABOUT = (
 
 def sidebar() -> None:
     """The frame shared by every page: device, running job, server load, about."""
-    from app_pages import runs  # runs imports this module
+    from app_pages import jobs as runs  # runs imports this module
 
     auto, _found = devices()
     with st.sidebar:

@@ -10,9 +10,9 @@ import streamlit as st
 from app_pages import common
 from app_pages.help_text import HELP, ORDER_LABELS, SCALING_LABELS, SHORTCUT_LABELS
 from resviz import BlockConfig, NetConfig, plots
+from resviz.analysis.initstats import describe_blocks, init_comparison, summarize
 from resviz.config import ACTIVATIONS, IMAGENET_STAGES, NORMS, STYLES
-from resviz.equations import block_equation
-from resviz.initstats import describe_blocks, init_comparison, summarize
+from resviz.nn.equations import block_equation
 
 INPUT_SIZES = (8, 16, 24, 32, 48, 64, 96, 128, 160, 224)
 WIDTHS = (4, 8, 12, 16, 24, 32, 48, 64)

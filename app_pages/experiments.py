@@ -18,7 +18,7 @@ from app_pages import common
 from resviz.experiments import BUDGETS, STUDIES
 from resviz.experiments.runner import StudyJob, study_figures
 from resviz.jobs import JobLimitError, JobRegistry
-from resviz.runs import list_runs, load_run
+from resviz.storage.rundirs import list_runs, load_run
 
 REFRESH_S = 1.0
 BUDGET_HELP = {"small": "about 1-4 minutes on a laptop CPU (the numbers in docs/experiments.md)",

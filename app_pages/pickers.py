@@ -1,8 +1,8 @@
 """Choosing what to inspect: a net (shipped, trained here, uploaded, torchvision, untrained) and an image.
 
 Widgets and glue only: loading, decoding and preprocessing happen in :mod:`resviz.zoo` and
-:mod:`resviz.images`. Loaded nets are shared between sessions through ``st.cache_resource`` and must be
-treated as read-only (the Inspect page applies its lesions inside :func:`resviz.inspect.lesioned`).
+:mod:`resviz.data.images`. Loaded nets are shared between sessions through ``st.cache_resource`` and must be
+treated as read-only (the Inspect page applies its lesions inside :func:`resviz.analysis.inspection.lesioned`).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch
 
 from app_pages import common
 from resviz import ResNet, zoo
-from resviz.images import ImageError, load_image, sample_images
+from resviz.data.images import ImageError, load_image, sample_images
 from resviz.zoo import ModelInfo
 
 SOURCES = {

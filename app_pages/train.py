@@ -8,10 +8,11 @@ from dataclasses import replace
 import plotly.graph_objects as go
 import streamlit as st
 
-from app_pages import common, runs, train_live
+from app_pages import common, train_live
+from app_pages import jobs as runs
 from app_pages.help_text import HELP
 from resviz import TrainConfig, plots
-from resviz.data import DATASETS, DatasetUnavailable, available_datasets
+from resviz.data.datasets import DATASETS, DatasetUnavailable, available_datasets
 from resviz.jobs import ACTIVE, JobLimitError, TrainingJob
 
 BATCH_SIZES = (16, 32, 64, 128, 256)

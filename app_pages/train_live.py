@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import plotly.graph_objects as go
 
-from app_pages import runs
+from app_pages import jobs as runs
 from resviz import TrainConfig, plots
 
 LIVE_POINTS = 240  # points per series in the live charts; a chart is a few hundred pixels wide

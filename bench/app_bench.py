@@ -2,7 +2,7 @@
 the time to accuracy of the Train page's default run.
 
 The Train page's defaults, dataset loading, evaluation interval and charts are imported from the app
-itself (``app_pages.common``, ``app_pages.runs``, ``app_pages.train_live``), so the headless runs
+itself (``app_pages.common``, ``app_pages.jobs``, ``app_pages.train_live``), so the headless runs
 and the simulated payload are exactly what a user's browser session gets.
 """
 
@@ -26,7 +26,8 @@ from typing import Any
 import numpy as np
 from timing import Row
 
-from app_pages import common, runs, train_live
+from app_pages import common, train_live
+from app_pages import jobs as runs
 from resviz.jobs import Series, TrainingJob
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -45,8 +45,8 @@ from timing import Row, best_ratio, interleaved, markdown_table, median_ratio, m
 from torch.utils.data import TensorDataset  # noqa: E402
 
 from resviz import NetConfig, TrainConfig, build_net  # noqa: E402
-from resviz.malloc import keep_freed_memory  # noqa: E402
-from resviz.train import Trainer, build_nets  # noqa: E402
+from resviz.runtime import keep_freed_memory  # noqa: E402
+from resviz.train.trainer import Trainer, build_nets  # noqa: E402
 
 SECTIONS = ("train", "twin", "inspect", "app", "tta", "gpu")
 NET = NetConfig(style="cifar", depth=20, width=16, num_classes=10, in_channels=3, input_size=32)
@@ -122,7 +122,7 @@ def trainer_stepper(nets: dict, data: TensorDataset, probe_every: int, *, batch:
     """resviz's Trainer as a stepper (no evaluation inside the timed steps); returns (step, close).
 
     With CUDA graphs the Trainer yields an interval's records together after one sync: time whole
-    intervals (a multiple of ``probe_every`` and of ``resviz.graphs.MAX_INTERVAL`` steps)."""
+    intervals (a multiple of ``probe_every`` and of ``resviz.train.cuda_graphs.MAX_INTERVAL`` steps)."""
     cfg = TrainConfig(lr=0.05, epochs=10_000.0, batch_size=batch, probe_every=probe_every, eval_every=10**9, device=device)
     trainer = Trainer(nets, SimpleNamespace(train=data, test=data), cfg, graphs=graphs)
     steps = trainer.steps()
@@ -241,8 +241,8 @@ def section_inspect(quick: bool) -> list[Row]:
     import io
 
     from resviz import zoo
-    from resviz.images import load_image, sample_images
-    from resviz.inspect import explain, inspect_image
+    from resviz.analysis.inspection import explain, inspect_image
+    from resviz.data.images import load_image, sample_images
 
     model = next(m for m in zoo.shipped_models() if m.name == "shapes_resnet32")
     net, info = zoo.load_shipped(model)
@@ -376,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
     # run under the same allocator settings from their first step.
     tuned = keep_freed_memory()
     info, start_load, t0 = machine_info(args.threads), load_avg(), time.perf_counter()
-    info.append(f"glibc malloc keeps freed memory for reuse (resviz.malloc, for every row): {'yes' if tuned else 'no'}")
+    info.append(f"glibc malloc keeps freed memory for reuse (resviz.runtime, for every row): {'yes' if tuned else 'no'}")
     rows: list[Row] = []
     headless: list[dict] = []
     for name in SECTIONS:

@@ -5,7 +5,7 @@ Usage::
     python pretrained/make_pretrained.py              # all checkpoints, into pretrained/
     python pretrained/make_pretrained.py --only digits --out /tmp/pre
 
-Each run writes ``<name>.safetensors`` + ``<name>.json`` (see :mod:`resviz.checkpoints`) and
+Each run writes ``<name>.safetensors`` + ``<name>.json`` (see :mod:`resviz.storage.checkpoints`) and
 ``manifest.json``, which lists per checkpoint: the files, the net and training configs, the dataset
 recipe (name, seed, sizes, input size: enough to regenerate the exact test split), the test accuracy
 measured on the CPU in float32 after training, the training time, the sha256 of the weights and the
@@ -31,9 +31,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout without installing
 
 from resviz import BlockConfig, NetConfig, TrainConfig, __version__  # noqa: E402
-from resviz.checkpoints import file_sha256, save_checkpoint  # noqa: E402
-from resviz.data import load_dataset  # noqa: E402
-from resviz.train import evaluate, fit  # noqa: E402
+from resviz.data.datasets import load_dataset  # noqa: E402
+from resviz.storage.checkpoints import file_sha256, save_checkpoint  # noqa: E402
+from resviz.train.trainer import evaluate, fit  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 MANIFEST = "manifest.json"

@@ -3,11 +3,11 @@
 The library never imports streamlit; everything the app shows is computed here.
 """
 
-from .blocks import ResidualBlock
-from .config import BlockConfig, NetConfig, TrainConfig
-from .data import DatasetBundle, DatasetUnavailable, load_dataset
-from .models import ResNet, build_net, count_macs, count_params, from_torchvision, plain_twin
-from .probes import Activations, BranchMagnitudes, GradientFlow, LiveProbes, SignalProp
+from resviz.analysis.probes import Activations, BranchMagnitudes, GradientFlow, LiveProbes, SignalProp
+from resviz.config import BlockConfig, NetConfig, TrainConfig
+from resviz.data.datasets import DatasetBundle, DatasetUnavailable, load_dataset
+from resviz.nn.blocks import ResidualBlock
+from resviz.nn.models import ResNet, build_net, count_macs, count_params, from_torchvision, plain_twin
 
 __all__ = [
     "Activations",

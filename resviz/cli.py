@@ -23,8 +23,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-from . import distributed
-from .runs import dumps, load_run
+from resviz.storage.rundirs import dumps, load_run
+from resviz.train import distributed
 
 PRETRAINED_SCRIPT = Path(__file__).resolve().parent.parent / "pretrained" / "make_pretrained.py"
 TRAIN_FLAGS = {  # flag -> (section, field, type)
@@ -141,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # -- commands ---------------------------------------------------------------------------------------
 def cmd_train(args: argparse.Namespace, out: TextIO) -> int:
-    from .trainrun import RunSpec, train_to_dir
+    from resviz.train.headless import RunSpec, train_to_dir
 
     spec = RunSpec.from_dict(train_config_dict(args))
     info = distributed.init_distributed(spec.train.device)
@@ -171,8 +171,8 @@ def format_summary(summary: dict[str, Any]) -> str:
 
 
 def cmd_study(args: argparse.Namespace, out: TextIO) -> int:
-    from .experiments import STUDIES
-    from .experiments.runner import run_study
+    from resviz.experiments import STUDIES
+    from resviz.experiments.runner import run_study
 
     if args.list or not args.name:
         for s in STUDIES.values():

@@ -1,6 +1,6 @@
 """Training jobs for the app: a worker thread per run, a bounded history, a process-wide registry.
 
-:class:`TrainingJob` drives a :class:`~resviz.train.Trainer` in a daemon thread with pause, resume and
+:class:`TrainingJob` drives a :class:`~resviz.train.trainer.Trainer` in a daemon thread with pause, resume and
 stop; the UI polls :meth:`TrainingJob.snapshot`, a small thread-safe copy made of numbers, strings and
 numpy arrays. :class:`JobRegistry` caps how many jobs train at once and keeps one active job per
 browser session. Nothing here imports streamlit.
@@ -32,8 +32,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .config import NetConfig, TrainConfig
-from .train import Trainer, build_nets
+from resviz.config import NetConfig, TrainConfig
+from resviz.train.trainer import Trainer, build_nets
 
 ACTIVE = ("pending", "running", "paused")
 WORKER_PREFIX = "resviz-job-"  # name prefix of every training worker thread

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import fields, replace
 from typing import Any
 
-from .config import BlockConfig, NetConfig, TrainConfig
+from resviz.config import BlockConfig, NetConfig, TrainConfig
 
 # url key -> field name. Block fields and net fields share one flat namespace.
 NET_KEYS: dict[str, str] = {

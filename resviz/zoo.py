@@ -1,6 +1,6 @@
 """Where the nets to inspect come from: shipped checkpoints, uploads, ImageNet-trained torchvision ResNets.
 
-Each source yields a ResViz :class:`~resviz.models.ResNet` in eval mode plus a :class:`ModelInfo` that
+Each source yields a ResViz :class:`~resviz.nn.models.ResNet` in eval mode plus a :class:`ModelInfo` that
 says how to feed it (normalisation, input size, channels) and how to name its outputs. Nothing is ever
 downloaded here: torchvision weights are used only when they are already in the torch hub cache, and
 :class:`ModelUnavailableError` carries the one-liner that fetches them.
@@ -20,11 +20,11 @@ import torch
 from PIL import Image
 from torch.utils.data import TensorDataset
 
-from .checkpoints import CheckpointError, checkpoint_paths, load_checkpoint, load_checkpoint_bytes
-from .config import NetConfig
-from .data import DatasetUnavailable, load_dataset
-from .images import LoadedImage, denormalize, fit_image, to_model_input
-from .models import ResNet, build_net, from_torchvision
+from resviz.config import NetConfig
+from resviz.data.datasets import DatasetUnavailable, load_dataset
+from resviz.data.images import LoadedImage, denormalize, fit_image, to_model_input
+from resviz.nn.models import ResNet, build_net, from_torchvision
+from resviz.storage.checkpoints import CheckpointError, checkpoint_paths, load_checkpoint, load_checkpoint_bytes
 
 # arch -> (torchvision builder name, weights enum name, members to look for, best first)
 TORCHVISION_ARCHS: dict[str, tuple[str, str, tuple[str, ...]]] = {

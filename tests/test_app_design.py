@@ -7,7 +7,7 @@ from dataclasses import replace
 import pytest
 from apphelpers import ROOT, TINY, app, metric, ok
 
-from resviz.initstats import summarize
+from resviz.analysis.initstats import summarize
 
 
 @pytest.fixture(autouse=True)
@@ -91,12 +91,12 @@ def test_link_reproduces_the_configuration() -> None:
 
 
 def test_page_errors_become_messages(monkeypatch: pytest.MonkeyPatch) -> None:
-    import resviz.equations
+    import resviz.nn.equations
 
     def boom(_cfg: object) -> None:
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(resviz.equations, "block_equation", boom)
+    monkeypatch.setattr(resviz.nn.equations, "block_equation", boom)
     at = app(TINY)
     assert not at.exception
     assert any("boom" in e.value for e in at.error)

@@ -11,10 +11,10 @@ import torch
 from streamlit.testing.v1 import AppTest
 
 from resviz import NetConfig, build_net, zoo
-from resviz.checkpoints import save_checkpoint
+from resviz.storage.checkpoints import save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
-PAGE = str(ROOT / "app_pages" / "inspect.py")
+PAGE = str(ROOT / "app_pages" / "inspection.py")
 TIMEOUT = 120
 
 
@@ -147,7 +147,7 @@ def test_corrupt_image_upload_shows_error():
 def _png(name: str, size: int, fmt: str = "PNG") -> bytes:
     import io
 
-    from resviz.images import sample_image
+    from resviz.data.images import sample_image
 
     buf = io.BytesIO()
     sample_image(name, size).save(buf, format=fmt)

@@ -16,7 +16,7 @@ def _importable(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_navigation_lists_the_core_pages() -> None:
-    assert NAV_PAGES[:3] == ["app_pages/design.py", "app_pages/train.py", "app_pages/inspect.py"]
+    assert NAV_PAGES[:3] == ["app_pages/design.py", "app_pages/train.py", "app_pages/inspection.py"]
 
 
 @pytest.mark.parametrize("page", NAV_PAGES)

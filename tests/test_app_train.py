@@ -17,7 +17,7 @@ RUN = {**TINY, "bs": "32", "nt": "500", "ep": "2"}
 def _fresh_registry(monkeypatch: pytest.MonkeyPatch):
     """Each test gets its own job registry; every job it started is stopped afterwards."""
     monkeypatch.syspath_prepend(str(ROOT))
-    from app_pages import runs
+    from app_pages import jobs as runs
 
     runs.registry.clear()  # releasing the cached registry shuts its jobs down
     yield
@@ -62,7 +62,7 @@ def test_short_run_completes_and_hands_nets_to_inspect() -> None:
 
 
 def test_exports_are_real_files() -> None:
-    from app_pages import runs
+    from app_pages import jobs as runs
 
     at = ok(app(RUN, PAGE))
     at.button(key="t_start").click().run()
@@ -72,7 +72,7 @@ def test_exports_are_real_files() -> None:
     assert doc["net"]["depth"] == 8 and doc["train"]["batch_size"] == 32 and doc["twin"] is True
     csv = runs.metrics_csv(job.snapshot()).splitlines()
     assert csv[0].startswith("step,") and "residual/test_acc" in csv[0] and len(csv) == 31
-    from resviz.checkpoints import load_checkpoint_bytes
+    from resviz.storage.checkpoints import load_checkpoint_bytes
 
     net, meta = load_checkpoint_bytes(runs.checkpoint_bytes(job, "plain"), filename="plain.safetensors")
     assert net.cfg.is_plain and meta["dataset"]["name"] == "shapes"
@@ -93,7 +93,7 @@ def test_pause_resume_stop() -> None:
 
 
 def test_global_cap_and_session_release(monkeypatch: pytest.MonkeyPatch) -> None:
-    from app_pages import runs
+    from app_pages import jobs as runs
 
     monkeypatch.setenv("RESVIZ_MAX_JOBS", "1")
     runs.registry.clear()

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from resviz.attribution import (
+from resviz.analysis.attribution import (
     METHODS,
     attribute,
     deletion_curve,
@@ -17,7 +17,7 @@ from resviz.attribution import (
     pointing_game,
 )
 from resviz.config import NetConfig
-from resviz.models import build_net
+from resviz.nn.models import build_net
 
 torch.set_num_threads(1)
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from resviz import NetConfig, build_net
-from resviz import checkpoints as ck
-from resviz.checkpoints import CheckpointError, load_checkpoint, load_checkpoint_bytes, load_weights, save_checkpoint
+from resviz.storage import checkpoints as ck
+from resviz.storage.checkpoints import CheckpointError, load_checkpoint, load_checkpoint_bytes, load_weights, save_checkpoint
 
 CFG = NetConfig(depth=8, width=8, input_size=16, num_classes=4)
 

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from resviz import cli
-from resviz.checkpoints import load_checkpoint
 from resviz.experiments.runner import run_study
-from resviz.runs import MetricsLog, load_run, read_jsonl, write_json
+from resviz.storage.checkpoints import load_checkpoint
+from resviz.storage.rundirs import MetricsLog, load_run, read_jsonl, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 SHATTERED = {"depths": [8, 14], "pairs": 1, "points": 8, "max_lag": 3, "width": 4}

@@ -17,9 +17,9 @@ import torch.nn.functional as F
 from datafixtures import CIFAR_NAMES, level, write_cifar, write_image_folder, write_mnist
 from PIL import Image
 
-from resviz import datafiles
-from resviz.data import DATASETS, DatasetBundle, DatasetUnavailable, available_datasets, load_dataset
-from resviz.shapes import _SDF, SHAPE_CLASSES, _draw_params, make_shapes
+from resviz.data import files as datafiles
+from resviz.data.datasets import DATASETS, DatasetBundle, DatasetUnavailable, available_datasets, load_dataset
+from resviz.data.shapes import _SDF, SHAPE_CLASSES, _draw_params, make_shapes
 
 
 def small_shapes(seed: int = 0, size: int = 16) -> DatasetBundle:

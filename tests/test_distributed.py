@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from resviz import distributed
-from resviz.checkpoints import load_checkpoint
-from resviz.runs import load_run
-from resviz.trainrun import RunSpec, train_to_dir
+from resviz.storage.checkpoints import load_checkpoint
+from resviz.storage.rundirs import load_run
+from resviz.train import distributed
+from resviz.train.headless import RunSpec, train_to_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 # GroupNorm: BatchNorm would normalise each rank's half batch on its own (SyncBatchNorm needs a GPU).
@@ -61,8 +61,8 @@ def test_sweep_alone_is_a_plain_loop_and_init_is_a_no_op() -> None:
 
 
 def test_distributed_trainer_refuses_without_a_process_group() -> None:
-    from resviz.data import load_dataset
-    from resviz.train import build_nets
+    from resviz.data.datasets import load_dataset
+    from resviz.train.trainer import build_nets
 
     spec = RunSpec.from_dict(TINY_RUN)
     data = load_dataset("shapes", input_size=16, train_size=64, test_size=16)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from resviz import BlockConfig
-from resviz.equations import block_equation
+from resviz.nn.equations import block_equation
 
 RELU, BN = r"\mathrm{ReLU}", r"\mathrm{BN}"
 

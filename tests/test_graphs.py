@@ -1,4 +1,4 @@
-"""The graph loop (resviz.graphs): the same training as the eager Trainer, synced once per interval.
+"""The graph loop (resviz.train.cuda_graphs): the same training as the eager Trainer, synced once per interval.
 
 The CPU tests run the loop in "static" mode (the step function that CUDA captures, run eagerly); the
 CUDA tests capture it for real and run only where a GPU is present.
@@ -15,9 +15,9 @@ import torch
 from datafixtures import channel_problem
 
 from resviz import NetConfig, TrainConfig
-from resviz.distributed import DistributedTrainer
-from resviz.graphs import MAX_INTERVAL, WARMUP, sgd_step
-from resviz.train import Trainer, build_nets, make_optimizer
+from resviz.train.cuda_graphs import MAX_INTERVAL, WARMUP, sgd_step
+from resviz.train.distributed import DistributedTrainer
+from resviz.train.trainer import Trainer, build_nets, make_optimizer
 
 NET = NetConfig(depth=8, width=8, input_size=16, num_classes=3)
 CUDA = torch.cuda.is_available()

@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image, ImageFile
 
-from resviz.images import (
+from resviz.data.images import (
     SAMPLE_IMAGES,
     ImageError,
     LoadedImage,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from resviz import NetConfig, build_net, count_macs, count_params
-from resviz.initstats import batch_size_for, describe_blocks, init_comparison, summarize
+from resviz.analysis.initstats import batch_size_for, describe_blocks, init_comparison, summarize
 
 
 def test_summary_matches_a_real_net() -> None:
@@ -45,7 +45,7 @@ def test_batch_size_is_capped() -> None:
 
 def test_big_nets_are_measured_smaller() -> None:
     from resviz import BlockConfig
-    from resviz.initstats import MAC_BUDGET, PARAM_BUDGET, measure_config
+    from resviz.analysis.initstats import MAC_BUDGET, PARAM_BUDGET, measure_config
 
     small = NetConfig(depth=20, width=8, input_size=16)
     assert measure_config(small) == (small, 16)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from resviz import NetConfig, build_net, plain_twin
-from resviz.inspect import (
+from resviz.analysis.inspection import (
     INTACT,
     Lesion,
     compare,

@@ -12,7 +12,7 @@ from torch.utils.data import TensorDataset
 from resviz import NetConfig, TrainConfig
 from resviz import jobs as jobs_mod
 from resviz.jobs import JobLimitError, JobRegistry, Series, TrainingJob
-from resviz.train import fit
+from resviz.train.trainer import fit
 
 NET = NetConfig(depth=8, width=8, input_size=16, num_classes=3)
 

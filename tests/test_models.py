@@ -10,8 +10,8 @@ import torchvision
 from torch import nn
 
 from resviz import BlockConfig, NetConfig, build_net, count_macs, count_params, from_torchvision, plain_twin
-from resviz.blocks import ResidualBlock, ShortcutA
 from resviz.config import ACTIVATIONS, KINDS, NORMS, ORDERS, SHORTCUTS
+from resviz.nn.blocks import ResidualBlock, ShortcutA
 
 
 def tiny(kind="basic", **block) -> NetConfig:
@@ -234,7 +234,7 @@ def test_stochastic_depth_is_linear_in_depth_and_off_in_eval():
 
 
 def test_library_never_imports_streamlit():
-    code = "import sys, resviz, resviz.models, resviz.blocks; import pkgutil, importlib\n" \
+    code = "import sys, resviz, resviz.nn.models, resviz.nn.blocks; import pkgutil, importlib\n" \
            "[importlib.import_module('resviz.' + m.name) for m in pkgutil.iter_modules(resviz.__path__)]\n" \
            "assert 'streamlit' not in sys.modules, 'resviz imported streamlit'"
     subprocess.run([sys.executable, "-c", code], check=True)

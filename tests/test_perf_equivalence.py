@@ -15,10 +15,10 @@ import torch
 from datafixtures import channel_problem
 
 from resviz import BlockConfig, NetConfig, TrainConfig, build_net
-from resviz.malloc import keep_freed_memory
-from resviz.probes import BranchMagnitudes, SignalProp
-from resviz.probes.forward import channel_var_mean
-from resviz.train import Trainer, build_nets, make_optimizer
+from resviz.analysis.probes import BranchMagnitudes, SignalProp
+from resviz.analysis.probes.forward import channel_var_mean
+from resviz.runtime import keep_freed_memory
+from resviz.train.trainer import Trainer, build_nets, make_optimizer
 
 NET = NetConfig(depth=8, width=8, input_size=16, num_classes=3)
 NET_A = NetConfig(depth=8, width=8, input_size=16, num_classes=3, block=BlockConfig(shortcut="A"))

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 
 from resviz import NetConfig
-from resviz.checkpoints import file_sha256, load_checkpoint
-from resviz.data import load_dataset
-from resviz.train import evaluate
+from resviz.data.datasets import load_dataset
+from resviz.storage.checkpoints import file_sha256, load_checkpoint
+from resviz.train.trainer import evaluate
 
 HERE = Path(__file__).resolve().parents[1] / "pretrained"
 MANIFEST = json.loads((HERE / "manifest.json").read_text()) if (HERE / "manifest.json").exists() else {"checkpoints": []}

@@ -13,7 +13,7 @@ import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
 from resviz import BlockConfig, NetConfig, build_net, from_torchvision
-from resviz.probes import (
+from resviz.analysis.probes import (
     Activations,
     BranchMagnitudes,
     GradientFlow,

@@ -24,10 +24,10 @@ from hypothesis import strategies as st
 from torch.utils.data import TensorDataset
 
 from resviz import NetConfig, TrainConfig, build_net, plots
-from resviz.checkpoints import CheckpointError, load_checkpoint, load_checkpoint_bytes, save_checkpoint
-from resviz.inspect import Lesion, compare, inspect_image, removal_effects
+from resviz.analysis.inspection import Lesion, compare, inspect_image, removal_effects
 from resviz.jobs import JobRegistry, TrainingJob, live_workers
-from resviz.runs import MetricsLog, load_run, write_json
+from resviz.storage.checkpoints import CheckpointError, load_checkpoint, load_checkpoint_bytes, save_checkpoint
+from resviz.storage.rundirs import MetricsLog, load_run, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 # Mangled pickles make torch's weights-only unpickler warn about their protocol byte before it refuses them.
@@ -260,7 +260,7 @@ def test_overflow_is_reported_and_clean_passes_report_nothing() -> None:
 def _app_env(monkeypatch: pytest.MonkeyPatch):
     """The app's modules importable; each test gets its own job registry, and every job it started stops."""
     monkeypatch.syspath_prepend(str(ROOT))
-    from app_pages import runs
+    from app_pages import jobs as runs
 
     runs.registry.clear()
     yield runs
@@ -275,7 +275,7 @@ def _chart_specs(at) -> list[dict]:
 def _inspect_trained(net, info: dict):
     from app_pages.common import TRAINED, TrainedModel
 
-    at = app(TINY, "app_pages/inspect.py")
+    at = app(TINY, "app_pages/inspection.py")
     at.session_state[TRAINED] = {"run 1": TrainedModel(net, info)}
     at.radio(key="i_source").set_value("trained")
     at.radio(key="i_image_source").set_value("Built-in picture")
@@ -481,7 +481,7 @@ def test_a_dropped_connection_keeps_the_job_and_a_closed_tab_stops_it(_app_env, 
 def test_the_job_runner_reproduces_a_run_from_its_seed() -> None:
     """The app's path (worker thread, both nets, bounded history) gives identical curves for one seed on CPU.
 
-    resviz.train's own determinism (tests/test_train.py) covers the trainer; this covers the job runner on top.
+    resviz.train.trainer's own determinism (tests/test_train.py) covers the trainer; this covers the job runner on top.
     """
     def history(seed: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         cfg = TrainConfig(epochs=3, batch_size=16, lr=0.05, seed=seed, probe_every=2, device="cpu", augment=True)

@@ -10,7 +10,7 @@ from datafixtures import channel_problem
 from torch.utils.data import TensorDataset
 
 from resviz import NetConfig, TrainConfig, build_net
-from resviz.train import Trainer, augment_batch, build_nets, evaluate, fit, lr_at, make_optimizer, resolve_device
+from resviz.train.trainer import Trainer, augment_batch, build_nets, evaluate, fit, lr_at, make_optimizer, resolve_device
 
 NET = NetConfig(depth=8, width=8, input_size=16, num_classes=3)
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from resviz import NetConfig, build_net, zoo
-from resviz.checkpoints import CheckpointError, save_checkpoint
-from resviz.data import DatasetUnavailable
-from resviz.images import sample_image
+from resviz.data.datasets import DatasetUnavailable
+from resviz.data.images import sample_image
+from resviz.storage.checkpoints import CheckpointError, save_checkpoint
 
 DS_INFO = {"name": "shapes", "classes": ["a", "b", "c"], "mean": [0.5, 0.4, 0.3], "std": [0.2, 0.2, 0.2], "channels": 3,
            "input_size": 16}
@@ -114,7 +114,7 @@ def test_prepare_image_and_picture_round_trip():
 
 
 def test_dataset_samples_follow_the_recorded_recipe():
-    from resviz.data import load_dataset
+    from resviz.data.datasets import load_dataset
 
     ref = load_dataset("shapes", input_size=16, train_size=16, test_size=40, seed=3)
     info = zoo.info_from_dict({**ref.info(), "seed": 3, "test_size": 40}, name="m", source="pretrained")

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
-from . import degradation, faithfulness, landscape, lesion, responses, shattered, signal
-from .common import BUDGETS, StudyConfig
+from resviz.experiments import degradation, faithfulness, landscape, lesion, responses, shattered, signal
+from resviz.experiments.common import BUDGETS, StudyConfig
 
 
 @dataclass(frozen=True)

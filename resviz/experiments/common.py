@@ -16,9 +16,9 @@ from typing import Any, ClassVar, TypeVar
 import numpy as np
 from torch import nn
 
-from ..config import ORDERS, NetConfig, TrainConfig
-from ..data import DatasetBundle, load_dataset
-from ..train import evaluate
+from resviz.config import ORDERS, NetConfig, TrainConfig
+from resviz.data.datasets import DatasetBundle, load_dataset
+from resviz.train.trainer import evaluate
 
 BUDGETS = ("small", "medium")
 ProgressFn = Callable[[float, str], None]
@@ -181,7 +181,7 @@ def check(claim: str, holds: bool, detail: str) -> dict[str, Any]:
 
 def net_config(depth: int, width: int, input_size: int, num_classes: int, **block: Any) -> NetConfig:
     """A CIFAR-style net for the study data (basic blocks, shortcut option B unless given)."""
-    from ..config import BlockConfig
+    from resviz.config import BlockConfig
 
     return NetConfig(style="cifar", depth=depth, width=width, input_size=input_size, num_classes=num_classes,
                      block=BlockConfig(**block))

@@ -15,10 +15,10 @@ from typing import Any
 import numpy as np
 import plotly.graph_objects as go
 
-from .. import distributed
-from .common import MEDIUM_TRAINING, Progress, TrainedStudyConfig, as_progress, check, error, thin, timer
-from .figures import curve_panels, lines
-from .twins import train_twins
+from resviz.experiments.common import MEDIUM_TRAINING, Progress, TrainedStudyConfig, as_progress, check, error, thin, timer
+from resviz.experiments.figures import curve_panels, lines
+from resviz.experiments.twins import train_twins
+from resviz.train import distributed
 
 NAME = "degradation"
 TITLE = "Degradation: plain vs residual at growing depth"

@@ -1,6 +1,6 @@
 """Attribution faithfulness: deletion, insertion and the pointing game, skips on vs off.
 
-For each Captum method of :mod:`resviz.attribution` (and a random map as the floor), heatmaps of the
+For each Captum method of :mod:`resviz.analysis.attribution` (and a random map as the floor), heatmaps of the
 true class are scored on test images of ``shapes``, whose object masks are exact:
 
 * deletion (Petsiuk et al. 2018): area under the class probability as the most important pixels are
@@ -23,10 +23,10 @@ import plotly.graph_objects as go
 import torch
 from torch import nn
 
-from ..attribution import METHODS, attribute, deletion_score, eval_mode, pointing_game
-from .common import MEDIUM_TRAINING, Progress, TrainedStudyConfig, as_progress, check, timer
-from .figures import grouped_bars
-from .twins import reference_twins
+from resviz.analysis.attribution import METHODS, attribute, deletion_score, eval_mode, pointing_game
+from resviz.experiments.common import MEDIUM_TRAINING, Progress, TrainedStudyConfig, as_progress, check, timer
+from resviz.experiments.figures import grouped_bars
+from resviz.experiments.twins import reference_twins
 
 NAME = "faithfulness"
 TITLE = "Attribution faithfulness: deletion, insertion, pointing game"

@@ -12,7 +12,7 @@ from typing import Any
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from ..plots import PALETTE, TEMPLATE, net_color
+from resviz.plots import PALETTE, TEMPLATE, net_color
 
 
 def _color(label: str, index: int) -> str:

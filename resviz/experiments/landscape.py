@@ -21,11 +21,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..plots import loss_landscape_figure
-from ..train import build_nets
-from .common import MEDIUM_TRAINING, Progress, TrainedStudyConfig, as_progress, check, timer
-from .figures import lines
-from .twins import reference_twins
+from resviz.experiments.common import MEDIUM_TRAINING, Progress, TrainedStudyConfig, as_progress, check, timer
+from resviz.experiments.figures import lines
+from resviz.experiments.twins import reference_twins
+from resviz.plots import loss_landscape_figure
+from resviz.train.trainer import build_nets
 
 NAME = "landscape"
 TITLE = "Loss landscape: filter-normalised slices, residual vs plain"

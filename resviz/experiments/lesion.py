@@ -17,11 +17,11 @@ import numpy as np
 import plotly.graph_objects as go
 from torch import nn
 
-from ..plots import lesion_figure
-from ..train import evaluate
-from .common import MEDIUM_TRAINING, Progress, TrainedStudyConfig, as_progress, check, timer
-from .figures import lines
-from .twins import reference_twins
+from resviz.experiments.common import MEDIUM_TRAINING, Progress, TrainedStudyConfig, as_progress, check, timer
+from resviz.experiments.figures import lines
+from resviz.experiments.twins import reference_twins
+from resviz.plots import lesion_figure
+from resviz.train.trainer import evaluate
 
 NAME = "lesion"
 TITLE = "Lesion: delete and reorder blocks of a trained net"

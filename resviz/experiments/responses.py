@@ -20,10 +20,10 @@ import plotly.graph_objects as go
 import torch
 from torch import nn
 
-from ..blocks import Scale
-from .common import MEDIUM_TRAINING, Progress, TrainedStudyConfig, as_progress, check, timer
-from .figures import lines
-from .twins import train_twins
+from resviz.experiments.common import MEDIUM_TRAINING, Progress, TrainedStudyConfig, as_progress, check, timer
+from resviz.experiments.figures import lines
+from resviz.experiments.twins import train_twins
+from resviz.nn.blocks import Scale
 
 NAME = "responses"
 TITLE = "Layer responses: std of each residual branch"

@@ -14,10 +14,10 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from .. import distributed
-from ..runs import CONFIG, METRICS, RESULT, MetricsLog, to_jsonable, write_json
-from . import get_study
-from .common import ProgressFn
+from resviz.experiments import get_study
+from resviz.experiments.common import ProgressFn
+from resviz.storage.rundirs import CONFIG, METRICS, RESULT, MetricsLog, to_jsonable, write_json
+from resviz.train import distributed
 
 
 class StudyCancelledError(Exception):

@@ -17,10 +17,10 @@ import plotly.graph_objects as go
 import torch
 from torch import nn
 
-from ..probes import preserved
-from ..train import build_nets
-from .common import Progress, StudyConfig, as_progress, check, net_config, shapes, timer
-from .figures import lines
+from resviz.analysis.probes import preserved
+from resviz.experiments.common import Progress, StudyConfig, as_progress, check, net_config, shapes, timer
+from resviz.experiments.figures import lines
+from resviz.train.trainer import build_nets
 
 NAME = "shattered"
 TITLE = "Shattered gradients: input-gradient correlation vs depth"

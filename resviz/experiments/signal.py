@@ -1,7 +1,7 @@
 """Signal propagation (Brock, De, Smith 2021): per-block statistics at initialisation and after training.
 
 Signal propagation plots (SPPs) follow a batch through the net and show, at every block output, the
-average squared channel mean and the average channel variance (:class:`resviz.probes.SignalProp`).
+average squared channel mean and the average channel variance (:class:`resviz.analysis.probes.SignalProp`).
 Variants: post- vs pre-activation, with BatchNorm or without normalisation, plus an unnormalised
 pre-activation net with SkipInit (a learnable branch scale starting at 0). Statistics are taken in
 train mode (batch statistics) on the same batch of test images, at initialisation and after a short
@@ -17,11 +17,11 @@ import numpy as np
 import plotly.graph_objects as go
 import torch
 
-from ..probes import signal_prop
-from ..train import build_nets
-from .common import MEDIUM_TRAINING, TrainingBudget, as_progress, check, net_config, thin, timer
-from .figures import lines
-from .twins import train_one
+from resviz.analysis.probes import signal_prop
+from resviz.experiments.common import MEDIUM_TRAINING, TrainingBudget, as_progress, check, net_config, thin, timer
+from resviz.experiments.figures import lines
+from resviz.experiments.twins import train_one
+from resviz.train.trainer import build_nets
 
 NAME = "signal"
 TITLE = "Signal propagation at init and after training"

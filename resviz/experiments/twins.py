@@ -15,10 +15,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import NetConfig
-from ..data import DatasetBundle
-from ..train import Trainer, build_nets
-from .common import Progress, Schedule
+from resviz.config import NetConfig
+from resviz.data.datasets import DatasetBundle
+from resviz.experiments.common import Progress, Schedule
+from resviz.train.trainer import Trainer, build_nets
 
 
 @dataclass
@@ -101,8 +101,8 @@ def _rebuild(net_cfg: NetConfig, states: dict, curves: dict, status: str, messag
 
 def pretrained_twins(net_cfg: NetConfig, input_size: int) -> Twins | None:
     """A shipped residual/plain pair (``pretrained/manifest.json``) with exactly this architecture, if any."""
-    from ..checkpoints import CheckpointError, load_checkpoint, read_meta
-    from ..zoo import shipped_models
+    from resviz.storage.checkpoints import CheckpointError, load_checkpoint, read_meta
+    from resviz.zoo import shipped_models
 
     found: dict[str, tuple[str, Any]] = {}
     try:

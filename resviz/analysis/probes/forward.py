@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from .base import Probe, Rows, Tensor
+from resviz.analysis.probes.base import Probe, Rows, Tensor
 
 F32 = torch.float32
 LOW = (torch.bfloat16, torch.float16)  # autocast dtypes: reduced with float32 accumulation, never copied to float32

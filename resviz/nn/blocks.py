@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812  (the functional API; F(x) in docs is the branch)
 from torch import nn
 
-from .config import PRE_ORDERS, BlockConfig
+from resviz.config import PRE_ORDERS, BlockConfig
 
 
 def make_act(name: str) -> nn.Module:

@@ -17,9 +17,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from .config import NetConfig
-from .models import ResNet, build_net, count_macs, count_params
-from .probes import gradient_norms_by_layer, signal_prop
+from resviz.analysis.probes import gradient_norms_by_layer, signal_prop
+from resviz.config import NetConfig
+from resviz.nn.models import ResNet, build_net, count_macs, count_params
 
 # Forward multiply-accumulates one measurement may spend per net; the batch shrinks for big nets so
 # the Design page stays interactive on a laptop CPU (ResNet-56 at 32x32, width 16 gets 6 images).

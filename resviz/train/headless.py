@@ -2,7 +2,7 @@
 
 The run directory gets ``config.json`` (what was run), ``metrics.jsonl`` (one flushed line per step),
 a checkpoint per net (``residual``/``plain`` ``.safetensors`` + ``.json``), ``summary.json`` and
-``training_curves.html``. Under torchrun (see :mod:`resviz.distributed`) every rank trains its slice of
+``training_curves.html``. Under torchrun (see :mod:`resviz.train.distributed`) every rank trains its slice of
 each global batch and only rank 0 writes.
 """
 
@@ -13,12 +13,13 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from . import distributed, plots
-from .checkpoints import save_checkpoint
-from .config import NetConfig, TrainConfig
-from .data import load_dataset
-from .runs import CONFIG, METRICS, SUMMARY, MetricsLog, write_json
-from .train import Trainer, build_nets
+from resviz import plots
+from resviz.config import NetConfig, TrainConfig
+from resviz.data.datasets import load_dataset
+from resviz.storage.checkpoints import save_checkpoint
+from resviz.storage.rundirs import CONFIG, METRICS, SUMMARY, MetricsLog, write_json
+from resviz.train import distributed
+from resviz.train.trainer import Trainer, build_nets
 
 METRIC_KEYS = ("loss", "acc", "grad_norm", "param_norm", "test_loss", "test_acc")
 
@@ -29,7 +30,7 @@ class RunSpec:
 
     net: NetConfig
     train: TrainConfig
-    dataset: str = "shapes"  # a resviz.data dataset name
+    dataset: str = "shapes"  # a resviz.data.datasets dataset name
     train_size: int | None = None  # None: the dataset's default
     test_size: int | None = None
     twin: bool = True  # also train the plain twin in lockstep

@@ -29,7 +29,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from .train import Trainer
+from resviz.train.trainer import Trainer
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -122,7 +122,7 @@ def _has_unused_params(net: nn.Module) -> bool:
 
 
 class DistributedTrainer(Trainer):
-    """A :class:`~resviz.train.Trainer` whose nets train with DistributedDataParallel.
+    """A :class:`~resviz.train.trainer.Trainer` whose nets train with DistributedDataParallel.
 
     Every rank draws the same global batch (same seed, same augmentation) and trains on its slice;
     DDP averages the gradients, and the logged loss and accuracy are averaged over ranks, so each
@@ -130,7 +130,7 @@ class DistributedTrainer(Trainer):
 
     Args:
         sync_bn: convert BatchNorm to SyncBatchNorm (default: on GPU only; it cannot run on CPU).
-        Others as for :class:`~resviz.train.Trainer`.
+        Others as for :class:`~resviz.train.trainer.Trainer`.
     """
 
     supports_graphs = False  # DDP's gradient all-reduce is not captured; the eager loop runs

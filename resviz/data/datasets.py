@@ -3,7 +3,7 @@
 Names (see :data:`DATASETS`):
 
 - ``shapes`` (default): procedural, seeded, offline, with ground-truth object masks
-  (:mod:`resviz.shapes`). Defaults 5,000 train / 1,000 test images (about 0.5 s to render at
+  (:mod:`resviz.data.shapes`). Defaults 5,000 train / 1,000 test images (about 0.5 s to render at
   32 px): in 12 epochs at 16 px a ResNet-56 reaches 87% while a plain-56 stays near chance.
 - ``digits``: scikit-learn's 1,797 real 8x8 handwritten digits, upsampled; a seeded, stratified
   80/20 split.
@@ -28,9 +28,9 @@ import torch
 from PIL import Image
 from torch.utils.data import TensorDataset
 
-from . import datafiles as files
-from .datafiles import DatasetUnavailable, default_root, pil_to_unit, resize_unit
-from .shapes import SHAPE_CLASSES, make_shapes
+from resviz.data import files
+from resviz.data.files import DatasetUnavailable, default_root, pil_to_unit, resize_unit
+from resviz.data.shapes import SHAPE_CLASSES, make_shapes
 
 __all__ = ["DATASETS", "DatasetBundle", "DatasetUnavailable", "available_datasets", "load_dataset"]
 

@@ -11,7 +11,7 @@ import torch
 
 from app_pages import common, pickers
 from resviz import ResNet, plots, zoo
-from resviz.inspect import CHANNEL_ORDERS, Heatmap, Inspection, Lesion, compare, explain, inspect_image, removal_effects
+from resviz.analysis.inspection import CHANNEL_ORDERS, Heatmap, Inspection, Lesion, compare, explain, inspect_image, removal_effects
 from resviz.zoo import ModelInfo
 
 METHODS = {"gradcam": "Grad-CAM", "saliency": "Saliency", "integrated_gradients": "Integrated Gradients", "occlusion": "Occlusion"}

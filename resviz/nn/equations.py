@@ -10,8 +10,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .blocks import ResidualBlock, Scale
-from .config import BlockConfig
+from resviz.config import BlockConfig
+from resviz.nn.blocks import ResidualBlock, Scale
 
 _ACTS = {
     "relu": r"\mathrm{ReLU}", "gelu": r"\mathrm{GELU}", "silu": r"\mathrm{SiLU}", "elu": r"\mathrm{ELU}",

@@ -6,7 +6,7 @@ A run directory holds::
     metrics.jsonl     one JSON object per line, flushed after each line (training steps, study progress)
     result.json       a study's result (plain data; see resviz.experiments)
     summary.json      a training run's final metrics
-    <name>.safetensors + <name>.json   checkpoints (resviz.checkpoints)
+    <name>.safetensors + <name>.json   checkpoints (resviz.storage.checkpoints)
     *.html            figures (self-contained Plotly pages)
 
 :func:`load_run` reads whatever of this is present and never fails on a half-written last line of

@@ -9,8 +9,8 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from .blocks import ResidualBlock, make_act, make_norm
-from .config import IMAGENET_STAGES, PRE_ORDERS, BlockConfig, NetConfig
+from resviz.config import IMAGENET_STAGES, PRE_ORDERS, BlockConfig, NetConfig
+from resviz.nn.blocks import ResidualBlock, make_act, make_norm
 
 
 class ResNet(nn.Module):

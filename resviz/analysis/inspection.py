@@ -18,9 +18,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from .attribution import attribute, eval_mode
-from .models import ResNet
-from .probes import Activations, BranchMagnitudes
+from resviz.analysis.attribution import attribute, eval_mode
+from resviz.analysis.probes import Activations, BranchMagnitudes
+from resviz.nn.models import ResNet
 
 MAP_KINDS = ("f", "s", "sum")  # F(x), S(x), F(x) + S(x) at a block's merge point
 CHANNEL_ORDERS = ("index", "strongest")
@@ -291,7 +291,7 @@ def explain(
     net: ResNet, x: torch.Tensor, method: str, *, lesion: Lesion = INTACT, target: int | None = None,
     block: int | None = None, **opts: object,
 ) -> Heatmap:
-    """Captum attribution of one image under ``lesion`` (see :func:`resviz.attribution.attribute`)."""
+    """Captum attribution of one image under ``lesion`` (see :func:`resviz.analysis.attribution.attribute`)."""
     with lesioned(net, lesion):
         a = attribute(net, x, method, target=target, block=block, **opts)
     return Heatmap(a.method, a.target, a.heatmap.cpu().numpy(), a.delta)

@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
-from .base import Probe, Tensor, to_numpy
-from .forward import BranchMagnitudes, SignalProp
-from .gradients import GradientFlow
+from resviz.analysis.probes.base import Probe, Tensor, to_numpy
+from resviz.analysis.probes.forward import BranchMagnitudes, SignalProp
+from resviz.analysis.probes.gradients import GradientFlow
 
 
 class LiveProbes:

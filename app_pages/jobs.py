@@ -21,9 +21,9 @@ import numpy as np
 import streamlit as st
 
 from app_pages import common
-from resviz.checkpoints import save_checkpoint
-from resviz.data import DatasetBundle, load_dataset
+from resviz.data.datasets import DatasetBundle, load_dataset
 from resviz.jobs import JobRegistry, TrainingJob, live_workers
+from resviz.storage.checkpoints import save_checkpoint
 
 
 @st.cache_resource(show_spinner=False, on_release=lambda reg: reg.shutdown())

@@ -22,7 +22,7 @@ Record format (every value is a Python scalar, a str, or a dict of numpy arrays;
         "message": "...",         # what happened and what to try
     }
 
-``probes`` holds :meth:`resviz.probes.LiveProbes.drain` readings of that one step as float32 numpy
+``probes`` holds :meth:`resviz.analysis.probes.LiveProbes.drain` readings of that one step as float32 numpy
 arrays: ``f_norm``, ``s_norm``, ``ratio``, ``cosine``, ``mean_sq``, ``var``, ``branch_var``,
 ``grad_branch``, ``grad_shortcut``, ``grad_total``, ``grad_block`` are ``(B,)`` (one per block; NaN
 where a block has no such part, e.g. no shortcut in a plain net) and ``grad_params`` is ``(P,)`` with
@@ -39,7 +39,7 @@ changes a number): the instruments are attached only for the steps they record, 
 run the bare net without a single hook; the optimizer uses PyTorch's ``foreach`` kernels (bitwise the
 same updates as the per-parameter loop, about a quarter less optimizer time on CPU); the divergence
 guard's copy of the weights is one ``_foreach_copy_``; on CPU, glibc is asked to keep freed memory
-for the next step (:func:`resviz.malloc.keep_freed_memory`) instead of faulting it in again.
+for the next step (:func:`resviz.runtime.keep_freed_memory`) instead of faulting it in again.
 """
 
 from __future__ import annotations
@@ -57,10 +57,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from .config import NetConfig, TrainConfig
-from .malloc import keep_freed_memory
-from .models import build_net
-from .probes import LiveProbes
+from resviz.analysis.probes import LiveProbes
+from resviz.config import NetConfig, TrainConfig
+from resviz.nn.models import build_net
+from resviz.runtime import keep_freed_memory
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -196,10 +196,10 @@ class Trainer:
         nets: one net, or a dict name -> net (e.g. ``{"residual": ..., "plain": ...}``).
         data: a ``DatasetBundle`` (or anything with ``train``/``test`` TensorDatasets).
         cfg: optimisation settings.
-        probes: record ``resviz.probes.LiveProbes`` readings every ``cfg.probe_every`` steps (when > 0).
+        probes: record ``resviz.analysis.probes.LiveProbes`` readings every ``cfg.probe_every`` steps (when > 0).
             Their hooks are attached for the recorded steps only and removed right after them.
         graphs: ``"auto"`` (default) captures each net's step in a CUDA graph when training SGD on a
-            GPU (see :mod:`resviz.graphs`; ``graph_mode`` says what ran and ``graph_note`` why not);
+            GPU (see :mod:`resviz.train.cuda_graphs`; ``graph_mode`` says what ran and ``graph_note`` why not);
             ``"off"`` never; ``"static"`` runs the graph loop's step without capture, on any device.
     """
 
@@ -267,10 +267,10 @@ class Trainer:
                 return
 
     def _graph_loop(self, runs: dict[str, _Run]) -> Any:
-        """A :class:`resviz.graphs.GraphLoop` when ``graphs`` asks for one and it can run here, else None."""
+        """A :class:`resviz.train.cuda_graphs.GraphLoop` when ``graphs`` asks for one and it can run here, else None."""
         if self.graphs == "off":
             return None
-        from .graphs import GraphLoop, unsupported_reason
+        from resviz.train.cuda_graphs import GraphLoop, unsupported_reason
 
         why = unsupported_reason(self)
         if why:

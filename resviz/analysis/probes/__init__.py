@@ -21,10 +21,10 @@ One row per net forward ("calls") or per ``GradientFlow.record()`` ("steps"); Na
 was not seen in that call.
 """
 
-from .base import Probe, blocks_of, to_cpu, to_numpy
-from .forward import Activations, BranchMagnitudes, SignalProp
-from .gradients import GradientFlow
-from .live import LiveProbes, gradient_norms_by_layer, preserved, signal_prop
+from resviz.analysis.probes.base import Probe, blocks_of, to_cpu, to_numpy
+from resviz.analysis.probes.forward import Activations, BranchMagnitudes, SignalProp
+from resviz.analysis.probes.gradients import GradientFlow
+from resviz.analysis.probes.live import LiveProbes, gradient_norms_by_layer, preserved, signal_prop
 
 __all__ = [
     "Activations",

@@ -1,6 +1,6 @@
 """Dataset files on disk: torchvision's MNIST, Fashion-MNIST and CIFAR-10, and folders of images.
 
-Readers return raw tensors (uint8 images or [0, 1] floats); :mod:`resviz.data` turns them into
+Readers return raw tensors (uint8 images or [0, 1] floats); :mod:`resviz.data.datasets` turns them into
 bundles. Every failure a person can fix (missing files, no network, an empty folder) is raised as
 :class:`DatasetUnavailable` whose message says exactly what to put where.
 

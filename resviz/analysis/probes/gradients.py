@@ -7,8 +7,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from .base import Probe, Tensor
-from .forward import norm_f32
+from resviz.analysis.probes.base import Probe, Tensor
+from resviz.analysis.probes.forward import norm_f32
 
 
 class GradientFlow(Probe):

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..blocks import ResidualBlock
+from resviz.nn.blocks import ResidualBlock
 
 Tensor = torch.Tensor
 

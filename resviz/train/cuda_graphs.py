@@ -3,7 +3,7 @@
 A small net's training step on a GPU is a few hundred short kernels, and launching them from Python
 costs more than running them: ResNet-20 at 32x32, batch 512, bf16 trains about twice as fast when its
 step is replayed from a CUDA graph as when it is launched op by op (``bench/bench.py --sections gpu``).
-:class:`GraphLoop` is the :class:`~resviz.train.Trainer`'s loop for that case:
+:class:`GraphLoop` is the :class:`~resviz.train.trainer.Trainer`'s loop for that case:
 
 * The batch, the labels and the learning rate live in static device buffers; each step copies the
   next batch into them (indices and augmentation as in the eager loop) and replays one graph per net.
@@ -42,7 +42,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F  # noqa: N812
 
-from .train import Trainer, _autocast, _Run, lr_at
+from resviz.train.trainer import Trainer, _autocast, _Run, lr_at
 
 WARMUP = 3  # eager steps before capture (PyTorch's guidance for whole-network capture)
 MAX_INTERVAL = 10  # steps between host syncs when the instruments are off or record less often

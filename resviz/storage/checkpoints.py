@@ -30,8 +30,8 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from .config import NetConfig
-from .models import ResNet, build_net
+from resviz.config import NetConfig
+from resviz.nn.models import ResNet, build_net
 
 FORMAT, VERSION = "resviz-checkpoint", 1
 MAX_CHECKPOINT_BYTES = 1 << 30  # refuse weight files above 1 GiB

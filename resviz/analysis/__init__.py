@@ -1,0 +1,1 @@
+"""Measuring nets: probes (context-manager instruments), attribution, per-image inspection, init-time stats."""

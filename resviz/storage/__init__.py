@@ -1,0 +1,1 @@
+"""What lives on disk: checkpoints (safetensors + JSON) and run directories."""
