@@ -17,7 +17,7 @@ from resviz import plots
 from resviz.config import NetConfig, TrainConfig
 from resviz.data.datasets import load_dataset
 from resviz.storage.checkpoints import save_checkpoint
-from resviz.storage.rundirs import CONFIG, METRICS, SUMMARY, MetricsLog, write_json
+from resviz.storage.rundirs import CONFIG, METRICS, SUMMARY, MetricsLog, RunData, write_json
 from resviz.train import distributed
 from resviz.train.records import StepRecord, curves, history_of, plot_table
 from resviz.train.trainer import Trainer, build_nets
@@ -52,6 +52,11 @@ class RunSpec:
         return cls(net=NetConfig.from_dict(d.get("net") or {}), train=TrainConfig.from_dict(d.get("train") or {}),
                    dataset=str(data.get("name") or "shapes"), train_size=data.get("train_size"),
                    test_size=data.get("test_size"), twin=bool(d.get("twin", True)))
+
+
+def step_records(run: RunData) -> list[StepRecord]:
+    """The training steps of a loaded run directory (``metrics.jsonl`` of this or an earlier version)."""
+    return [StepRecord.from_json(line) for line in run.metrics if "step" in line]
 
 
 def train_to_dir(spec: RunSpec, out: str | Path, *, progress: Callable[[StepRecord], None] | None = None) -> dict[str, Any]:
