@@ -214,3 +214,37 @@ def test_fit_result_final_is_the_last_evaluated_record():
     assert res.final is res.history[-1] and res.final.evaluated
     short = fit(NET, _data(), _cfg(eval_every=4, epochs=2, max_steps=3))  # evaluated at its last step only
     assert short.final.step == 3
+
+
+def test_curves_are_built_from_record_fields_and_keep_each_series_on_its_own_steps():
+    from resviz.train.records import curves, history_of, plot_table
+
+    def rec(step: int, **test) -> StepRecord:
+        m = NetMetrics(loss=1.0 / step, acc=0.5, grad_norm=1.0, param_norm=2.0, **test)
+        return StepRecord(step=step, total_steps=3, epoch=step / 3, lr=0.1, images_per_s=10.0, time_s=step,
+                          status=Status.RUNNING, nets={"residual": m})
+
+    recs = [rec(1, test_acc=0.4), rec(2), rec(3, test_loss=0.7, test_acc=0.6)]  # step 1: test loss not finite
+    found = {(c.net, c.metric): c for c in curves(history_of(recs))}
+    assert found["residual", "loss"].steps.tolist() == [1, 2, 3] and found["residual", "loss"].label == "residual/loss"
+    assert found["residual", "test_loss"].steps.tolist() == [3] and found["", "lr"].label == "lr"
+    table = plot_table(found.values(), {"residual": "with skips"})
+    assert set(table) == {"with skips"} and table["with skips"]["test_step"].tolist() == [1, 3]
+    assert table["with skips"]["test_loss_step"].tolist() == [3] and table["with skips"]["test_loss"].tolist() == [0.7]
+
+
+def test_training_modules_import_one_way():
+    """trainer -> loops (eager, cuda_graphs) -> state -> records; nothing below imports what is above it."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "resviz" / "train"
+    above = {"state": {"trainer", "loops", "cuda_graphs", "distributed"}, "loops": {"trainer", "cuda_graphs"},
+             "cuda_graphs": {"trainer"}, "records": {"trainer", "loops", "cuda_graphs", "state"}}
+    for name, forbidden in above.items():
+        tree = ast.parse((root / f"{name}.py").read_text())
+        imported = {n.module.rsplit(".", 1)[-1] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        assert not imported & forbidden, (name, imported & forbidden)
+        private = [a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and (n.module or "").startswith("resviz")
+                   for a in n.names if a.name.startswith("_")]
+        assert not private, (name, private)

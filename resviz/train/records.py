@@ -268,7 +268,7 @@ def curves(history: History) -> list[Curve]:
 
 def plot_table(items: Iterable[Curve], names: Mapping[str, str] | None = None) -> dict[str, dict[str, np.ndarray]]:
     """Curves in the shape :func:`resviz.plots.training_curves_figure` takes: ``{net: {step, loss, acc,
-    test_step, test_loss, test_acc}}``; ``names`` renames nets (nets missing from it are left out)."""
+    test_step, test_acc, test_loss_step, test_loss}}``; ``names`` renames nets (nets missing from it are left out)."""
     out: dict[str, dict[str, np.ndarray]] = {}
     for c in items:
         if not c.net or (names is not None and c.net not in names):
@@ -277,17 +277,12 @@ def plot_table(items: Iterable[Curve], names: Mapping[str, str] | None = None) -
         if c.metric in ("loss", "acc"):
             table["step"], table[c.metric] = c.steps, c.values
         elif c.metric in TEST_METRICS:
-            table[c.metric] = (c.steps, c.values)  # aligned on the test_acc steps below
+            table[c.metric] = (c.steps, c.values)  # split into steps and values below
     for table in out.values():
-        acc = table.get("test_acc")
-        if acc is not None:
-            table["test_step"], table["test_acc"] = acc
-        if "test_loss" in table:
-            steps, values = table.pop("test_loss")
-            if acc is not None:  # a non-finite test loss was left out: a gap at that evaluation
-                at = dict(zip(steps.tolist(), values.tolist()))
-                values = np.array([at.get(s, math.nan) for s in acc[0].tolist()], np.float32)
-            table["test_loss"] = values
+        if "test_acc" in table:
+            table["test_step"], table["test_acc"] = table["test_acc"]
+        if "test_loss" in table:  # its own steps: a non-finite test loss was left out at its evaluation
+            table["test_loss_step"], table["test_loss"] = table["test_loss"]
     return out
 
 
