@@ -230,7 +230,8 @@ def test_curves_are_built_from_record_fields_and_keep_each_series_on_its_own_ste
     assert found["residual", "test_loss"].steps.tolist() == [3] and found["", "lr"].label == "lr"
     table = plot_table(found.values(), {"residual": "with skips"})
     assert set(table) == {"with skips"} and table["with skips"]["test_step"].tolist() == [1, 3]
-    assert table["with skips"]["test_loss_step"].tolist() == [3] and table["with skips"]["test_loss"].tolist() == pytest.approx([0.7])
+    assert table["with skips"]["test_loss_step"].tolist() == [3]
+    assert table["with skips"]["test_loss"].tolist() == pytest.approx([0.7])
 
 
 def test_training_modules_import_one_way():
