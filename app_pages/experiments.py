@@ -15,9 +15,10 @@ from typing import Any
 import streamlit as st
 
 from app_pages import common
+from app_pages import jobs as runs
 from resviz.experiments import BUDGETS, STUDIES
 from resviz.experiments.runner import StudyJob, study_figures
-from resviz.jobs import JobLimitError, JobRegistry
+from resviz.jobs import JobLimitError
 from resviz.storage.rundirs import list_runs, load_run
 
 REFRESH_S = 1.0
@@ -30,36 +31,14 @@ def runs_root() -> Path:
     return Path(os.environ.get("RESVIZ_RUNS") or Path(__file__).resolve().parent.parent / "runs")
 
 
-# -- jobs -----------------------------------------------------------------------------------------
-@st.cache_resource(show_spinner=False, on_release=lambda reg: reg.shutdown())
-def registry() -> JobRegistry:
-    """Process-wide: at most ``RESVIZ_MAX_JOBS`` studies run at once, one per session."""
-    return JobRegistry(cap=common.max_jobs())
-
-
-def _release(key: tuple[str, JobRegistry]) -> None:
-    key[1].stop_session(key[0])
-
-
-@st.cache_resource(scope="session", on_release=_release, show_spinner=False)
-def _session_handle(session_id: str) -> tuple[str, JobRegistry]:
-    return session_id, registry()
-
-
-def session_id() -> str:
-    """This session's id; ending the session stops its studies."""
-    sid = "study-" + st.session_state[common.SESSION_ID]
-    _session_handle(sid)
-    return sid
-
-
+# -- jobs: the app's one registry and session handle (app_pages/jobs.py), shared with training ----------
 def current_job() -> StudyJob | None:
-    return registry().get(session_id())
+    return runs.registry().get(runs.session_id(), StudyJob)
 
 
 def _start(name: str, budget: str, seed: int) -> None:
     try:
-        registry().submit(session_id(), StudyJob(name, budget, seed, num_threads=1))
+        runs.registry().submit(runs.session_id(), StudyJob(name, budget, seed, num_threads=1))
     except JobLimitError as e:
         st.warning(str(e))
         return

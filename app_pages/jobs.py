@@ -1,6 +1,9 @@
-"""App-side helpers for training runs: the shared job registry, per-session cleanup, datasets, exports.
+"""App-side helpers for jobs: the shared job registry, per-session cleanup, datasets, exports.
 
-The registry lives in ``st.cache_resource`` (one per server process, capped by ``RESVIZ_MAX_JOBS``).
+The registry lives in ``st.cache_resource`` (one per server process, capped by ``RESVIZ_MAX_JOBS``
+across training runs and studies; the Experiments page submits its studies to it too). Creating it
+is the app's start-up, where the process is tuned (:func:`resviz.runtime.tune`); each training job
+gets ``WORKER_THREADS`` threads, one less than the usable cores.
 Each browser session holds a session-scoped handle whose release stops that session's jobs once the
 session can no longer come back (``server.disconnectedSessionTTL``), so a closed tab never leaves a
 worker training and a dropped connection does not cost the run. Nothing here draws on the page.
@@ -13,22 +16,32 @@ import io
 import json
 import tempfile
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import streamlit as st
 
 from app_pages import common
+from resviz import runtime
 from resviz.data.datasets import DatasetBundle, load_dataset
 from resviz.jobs import JobRegistry, TrainingJob, live_workers
 from resviz.storage.checkpoints import save_checkpoint
+from resviz.train.records import JobSnapshot, plot_table
+from resviz.train.records import curves as record_curves
+
+WORKER_THREADS = runtime.default_threads()  # torch threads of each training job: the web server keeps a core
 
 
 @st.cache_resource(show_spinner=False, on_release=lambda reg: reg.shutdown())
 def registry() -> JobRegistry:
-    """The process-wide job registry (at most ``common.max_jobs()`` runs train at once)."""
+    """The process-wide job registry (at most ``common.max_jobs()`` jobs of any kind at once).
+
+    Made once per server process, before the first job: the process is tuned here for training
+    (glibc keeps freed memory for the next step; cuDNN times its algorithms once for fixed shapes).
+    """
+    runtime.tune(keep_freed_memory=True, cudnn_benchmark=True)
     return JobRegistry(cap=common.max_jobs())
 
 
@@ -79,8 +92,8 @@ def server_load() -> str:
 
 
 def session_jobs() -> list[TrainingJob]:
-    """This session's jobs, oldest first."""
-    return registry().jobs_for(session_id())
+    """This session's training jobs, oldest first."""
+    return registry().jobs_for(session_id(), TrainingJob)
 
 
 def active_job() -> TrainingJob | None:
@@ -95,42 +108,35 @@ def load_bundle(name: str, input_size: int, train_size: int | None, seed: int) -
 
 
 # -- labels and exports ---------------------------------------------------------------------------
+def run_name(job: TrainingJob, number: int) -> str:
+    """A short human name: "#2 ResNet-32 on shapes"."""
+    return f"#{number} ResNet-{job.net_cfg.depth} on {getattr(job.data, 'name', 'data')}"
+
+
 def run_label(job: TrainingJob, number: int) -> str:
-    """A short human name: "#2 ResNet-32 on shapes (finished, 14:02)"."""
-    snap_cfg = job.net_cfg
+    """The name with its state: "#2 ResNet-32 on shapes (finished, 14:02)"."""
     when = time.strftime("%H:%M", time.localtime(job.created))
-    data = getattr(job.data, "name", "data")
-    return f"#{number} ResNet-{snap_cfg.depth} on {data} ({job.status}, {when})"
+    return f"{run_name(job, number)} ({job.status}, {when})"
 
 
-def curves(snap: dict[str, Any], prefix: str = "") -> dict[str, dict[str, np.ndarray]]:
-    """The snapshot's history in the shape :func:`resviz.plots.training_curves_figure` takes."""
-    out = {}
-    for name in snap["names"]:
-        h = snap["history"]
-        series: dict[str, np.ndarray] = {}
-        for key in ("loss", "acc"):
-            if f"{name}/{key}" in h:
-                series["step"], series[key] = h[f"{name}/{key}"]
-            if f"{name}/test_{key}" in h:
-                series["test_step"], series[f"test_{key}"] = h[f"{name}/test_{key}"]
-        out[f"{prefix}{name}"] = series
-    return out
+def curves(snap: JobSnapshot, names: Mapping[str, str] | None = None) -> dict[str, dict[str, np.ndarray]]:
+    """The snapshot's curves in the shape :func:`resviz.plots.training_curves_figure` takes, one entry per
+    net (renamed by ``names``; nets missing from it are left out)."""
+    return plot_table(record_curves(snap.history), names)
 
 
-def metrics_csv(snap: dict[str, Any]) -> str:
-    """Every recorded metric as CSV: one row per step, one column per ``<net>/<metric>``."""
-    keys = sorted(snap["history"])
+def metrics_csv(snap: JobSnapshot) -> str:
+    """Every recorded metric as CSV: one row per step, one column per curve (``<net>/<metric>``, ``lr``, ...)."""
+    found = sorted(record_curves(snap.history), key=lambda c: c.label)
     rows: dict[int, dict[str, float]] = {}
-    for key in keys:
-        steps, values = snap["history"][key]
-        for s, v in zip(steps.tolist(), values.tolist()):
-            rows.setdefault(int(s), {})[key] = v
+    for c in found:
+        for s, v in zip(c.steps.tolist(), c.values.tolist()):
+            rows.setdefault(int(s), {})[c.label] = v
     buf = io.StringIO()
     writer = csv.writer(buf)
-    writer.writerow(["step", *keys])
+    writer.writerow(["step", *(c.label for c in found)])
     for step in sorted(rows):
-        writer.writerow([step, *(f"{rows[step][k]:.6g}" if k in rows[step] else "" for k in keys)])
+        writer.writerow([step, *(f"{rows[step][c.label]:.6g}" if c.label in rows[step] else "" for c in found)])
     return buf.getvalue()
 
 
@@ -144,8 +150,8 @@ def config_json(job: TrainingJob) -> str:
 def checkpoint_bytes(job: TrainingJob, role: str) -> bytes:
     """The trained ``role`` net of ``job`` as a self-describing safetensors file (config in its header)."""
     net = job.nets[role]
-    snap = job.snapshot()
-    metrics = {k: v for k, v in snap["latest"].items() if k.startswith(f"{role}/")}
+    latest = job.snapshot().latest.get(role)
+    metrics = {"role": role, **(latest.as_dict() if latest is not None else {})}
     with tempfile.TemporaryDirectory() as tmp:
         path = save_checkpoint(net, Path(tmp) / f"resviz-{role}", dataset=job.data, metrics=metrics)
         return path.read_bytes()
@@ -159,15 +165,15 @@ def collect_trained() -> None:
     """
     seen = st.session_state.setdefault("_collected_jobs", set())
     for number, job in enumerate(session_jobs(), start=1):
-        if job.active or job.id in seen or not job.nets or job.snapshot()["step"] == 0:
+        if job.active or job.id in seen or not job.nets or job.snapshot().step == 0:
             continue
         seen.add(job.id)
-        snap, base = job.snapshot(), run_label(job, number).split(" (")[0]
+        snap, base = job.snapshot(), run_name(job, number)
         for role, net in sorted(job.nets.items(), key=lambda kv: kv[0] == "residual"):  # residual last: selected
             net.cpu().eval()
             info = {**job.data.info(), "dataset": job.data.name, "net_config": job.net_cfg.to_dict(),
                     "train_config": job.train_cfg.to_dict(), "role": role, "job_id": job.id,
-                    "final": {k.split("/", 1)[1]: v for k, v in snap["latest"].items() if k.startswith(f"{role}/")}}
+                    "final": snap.latest[role].as_dict() if role in snap.latest else {}}
             common.add_trained_model(f"{base} · {role}", common.TrainedModel(net, info))
 
 
@@ -176,8 +182,8 @@ def _status_line(job_id: str | None) -> None:
     if job is None:
         return
     snap = job.snapshot()
-    st.progress(min(1.0, snap["progress"]), text=f"Training ResNet-{job.net_cfg.depth}: step {snap['step']}/"
-                f"{snap['total_steps'] or '?'} ({snap['status']})")
+    st.progress(min(1.0, snap.progress), text=f"Training ResNet-{job.net_cfg.depth}: step {snap.step}/"
+                f"{snap.total_steps or '?'} ({snap.status})")
     if not job.active:
         st.rerun()  # the run ended while the user was elsewhere: hand its nets to the pages now
 

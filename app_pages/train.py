@@ -14,6 +14,7 @@ from app_pages.help_text import HELP
 from resviz import TrainConfig, plots
 from resviz.data.datasets import DATASETS, DatasetUnavailable, available_datasets
 from resviz.jobs import ACTIVE, JobLimitError, TrainingJob
+from resviz.train.records import JobSnapshot
 
 BATCH_SIZES = (16, 32, 64, 128, 256)
 TRAIN_SIZES = (500, 1000, 2000, 3000, 5000, 10000)
@@ -99,7 +100,8 @@ def _start(dataset: str, folder: str, cfg: TrainConfig, twin: bool, train_size: 
         bundle = runs.load_bundle(name, net_cfg.input_size, train_size, cfg.seed)
         net_cfg = common.with_dataset_shape(net_cfg, bundle.num_classes, bundle.channels)
         cfg = replace(cfg, eval_every=train_live.eval_every(len(bundle.train), cfg))
-        runs.registry().submit(runs.session_id(), TrainingJob(net_cfg, bundle, cfg, twin=twin))
+        job = TrainingJob(net_cfg, bundle, cfg, twin=twin, num_threads=runs.WORKER_THREADS)
+        runs.registry().submit(runs.session_id(), job)
     except (DatasetUnavailable, JobLimitError, ValueError) as e:
         st.error(str(e))
         return
@@ -124,20 +126,20 @@ def _controls(job: TrainingJob | None, start_args: tuple) -> None:
 
 
 # -- live view ----------------------------------------------------------------------------------
-def _progress(snap: dict) -> None:
-    eta = f" · ETA {snap['eta_s']:.0f} s" if snap["eta_s"] is not None else ""
-    text = (f"step {snap['step']}/{snap['total_steps'] or '?'} · epoch {snap['epoch']:.2f} · "
-            f"{snap['images_per_s']:.0f} images/s{eta} · {snap['status']}"
-            + (f" · {snap['engine']}" if snap.get("engine") else ""))
-    st.progress(min(1.0, snap["progress"]), text=text)
-    if snap["status"] in STATUS_BOX:
-        msg = {"finished": "Training finished.", "stopped": "Training was stopped."}.get(snap["status"], "")
-        STATUS_BOX[snap["status"]](f"{msg} {snap['error']}".strip() if snap["error"] else msg or snap["status"])
+def _progress(snap: JobSnapshot) -> None:
+    eta = f" · ETA {snap.eta_s:.0f} s" if snap.eta_s is not None else ""
+    text = (f"step {snap.step}/{snap.total_steps or '?'} · epoch {snap.epoch:.2f} · "
+            f"{snap.images_per_s:.0f} images/s{eta} · {snap.status}"
+            + (f" · {snap.engine}" if snap.engine else ""))
+    st.progress(min(1.0, snap.progress), text=text)
+    if snap.status in STATUS_BOX:
+        msg = {"finished": "Training finished.", "stopped": "Training was stopped."}.get(snap.status, "")
+        STATUS_BOX[snap.status](f"{msg} {snap.error}".strip() if snap.error else msg or str(snap.status))
 
 
-def _latest_metrics(snap: dict) -> None:
+def _latest_metrics(snap: JobSnapshot) -> None:
     """Latest test accuracy of each net; the residual net's shows its lead over the plain twin."""
-    acc = {name: snap["latest"].get(f"{name}/test_acc") for name in snap["names"]}
+    acc = {name: snap.latest[name].test_acc if name in snap.latest else None for name in snap.names}
     cols = st.columns(max(1, len(acc)))
     for col, (name, value) in zip(cols, acc.items()):
         other = acc.get("plain") if name == "residual" else None
@@ -154,19 +156,18 @@ def _figure(name: str, version: tuple, build: Callable[[], go.Figure]) -> go.Fig
     return store[name][1]
 
 
-def _probe_charts(snap: dict) -> None:
-    names = snap["names"]
+def _probe_charts(snap: JobSnapshot) -> None:
+    names = snap.names
     cols = st.columns(len(names) or 1)
     for col, name in zip(cols, names):
-        key = f"{name}/grad_block"
-        if key not in snap["probes"]:
+        if snap.history.probe(name, "grad_block") is None:
             col.info("Gradient readings appear after the first probed step.")
             continue
-        fig = _figure(f"flow_{name}", train_live.probe_version(snap, key),
+        fig = _figure(f"flow_{name}", train_live.probe_version(snap, name, "grad_block"),
                       lambda n=name: train_live.flow_figure(snap, n))
         col.plotly_chart(fig, key=f"t_flow_{name}")
-    if "residual/ratio" in snap["probes"]:
-        fig = _figure("ratio", train_live.probe_version(snap, "residual/ratio"), lambda: train_live.ratio_figure(snap))
+    if snap.history.probe("residual", "ratio") is not None:
+        fig = _figure("ratio", train_live.probe_version(snap, "residual", "ratio"), lambda: train_live.ratio_figure(snap))
         st.plotly_chart(fig, key="t_ratio")
 
 
@@ -186,7 +187,7 @@ def _live_view(job_id: str, was_active: bool) -> None:
         with st.container():
             _latest_metrics(snap)
         with st.container():
-            fig = _figure("curves", (snap["id"], snap["step"]), lambda: train_live.curves_figure(snap))
+            fig = _figure("curves", (snap.id, snap.step), lambda: train_live.curves_figure(snap))
             st.plotly_chart(fig, key="t_curves")
         with st.container():
             _probe_charts(snap)
@@ -216,10 +217,9 @@ def _compare(jobs: list[TrainingJob]) -> None:
                                 default=list(labels)[-2:])
         history = {}
         for jid in chosen:
-            job = next(j for _, j in ended if j.id == jid)
-            number = labels[jid].split(" ")[0]
-            for name, series in runs.curves(job.snapshot()).items():
-                history[f"{number} {'with' if name == 'residual' else 'without'} skips"] = series
+            number, job = next((i, j) for i, j in ended if j.id == jid)
+            names = {"residual": f"#{number} with skips", "plain": f"#{number} without skips"}
+            history.update(runs.curves(job.snapshot(), names))
         st.plotly_chart(plots.training_curves_figure(history), key="t_compare_fig")
 
 

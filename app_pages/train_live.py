@@ -9,13 +9,14 @@ of chart JSON per refresh instead of about 800 KB (``python bench/bench.py --sec
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import replace
 
 import numpy as np
 import plotly.graph_objects as go
 
 from app_pages import jobs as runs
 from resviz import TrainConfig, plots
+from resviz.train.records import JobSnapshot, Points
 
 LIVE_POINTS = 240  # points per series in the live charts; a chart is a few hundred pixels wide
 
@@ -31,51 +32,44 @@ def thin(steps: np.ndarray, values: np.ndarray, points: int = LIVE_POINTS) -> tu
 
     The job history is already denser towards the newest steps; thinning by row keeps that shape.
     """
-    n = len(steps)
-    if n <= points:
-        return steps, values
-    idx = np.unique(np.linspace(0, n - 1, points).round().astype(np.int64))
-    return steps[idx], values[idx]
+    thinned = Points(steps, values).thinned(points)
+    return thinned.steps, thinned.values
 
 
-def _thin_history(snap: dict[str, Any], points: int) -> dict[str, Any]:
-    return {**snap, "history": {k: thin(s, v, points) for k, (s, v) in snap["history"].items()}}
-
-
-def probe_version(snap: dict[str, Any], key: str) -> tuple:
+def probe_version(snap: JobSnapshot, net: str, key: str) -> tuple:
     """What identifies a probe chart's data: the run and the newest probed step (lengths repeat once capped)."""
-    steps = snap["probes"].get(key, (np.zeros(0, np.int64), None))[0]
-    return snap["id"], int(steps[-1]) if len(steps) else -1
+    readings = snap.history.probe(net, key)
+    return snap.id, int(readings.steps[-1]) if readings is not None and len(readings) else -1
 
 
-def curves_figure(snap: dict[str, Any], points: int = LIVE_POINTS) -> go.Figure:
+def curves_figure(snap: JobSnapshot, points: int = LIVE_POINTS) -> go.Figure:
     """Train and test loss and accuracy of every net in the run."""
-    return plots.training_curves_figure(runs.curves(_thin_history(snap, points)))
+    return plots.training_curves_figure(runs.curves(replace(snap, history=snap.history.thinned(points))))
 
 
-def flow_figure(snap: dict[str, Any], name: str, points: int = LIVE_POINTS) -> go.Figure | None:
+def flow_figure(snap: JobSnapshot, name: str, points: int = LIVE_POINTS) -> go.Figure | None:
     """Gradient norm per block over training for net ``name`` (None before the first probed step)."""
-    steps, values = snap["probes"].get(f"{name}/grad_block", (None, None))
-    if steps is None:
+    readings = snap.history.probe(name, "grad_block")
+    if readings is None:
         return None
-    steps, values = thin(steps, values, points)
+    steps, values = thin(readings.steps, readings.values, points)
     fig = plots.grad_flow_heatmap(steps, [f"b{i}" for i in range(values.shape[1])], values.T)
     return fig.update_layout(title=f"Gradient flow per block: {name}")
 
 
-def ratio_figure(snap: dict[str, Any], points: int = LIVE_POINTS) -> go.Figure | None:
+def ratio_figure(snap: JobSnapshot, points: int = LIVE_POINTS) -> go.Figure | None:
     """||F(x)|| / ||S(x)|| per block of the residual net over training (None before the first probed step)."""
-    steps, ratios = snap["probes"].get("residual/ratio", (None, None))
-    if steps is None:
+    readings = snap.history.probe("residual", "ratio")
+    if readings is None:
         return None
-    steps, ratios = thin(steps, ratios, points)
+    steps, ratios = thin(readings.steps, readings.values, points)
     return plots.ratio_figure(steps, ratios, block_names=[f"b{i}" for i in range(ratios.shape[1])])
 
 
-def live_figures(snap: dict[str, Any], points: int = LIVE_POINTS) -> dict[str, go.Figure]:
+def live_figures(snap: JobSnapshot, points: int = LIVE_POINTS) -> dict[str, go.Figure]:
     """Every chart one refresh of the live view sends, by name (the bench measures their size)."""
     figs = {"curves": curves_figure(snap, points)}
-    for name in snap["names"]:
+    for name in snap.names:
         fig = flow_figure(snap, name, points)
         if fig is not None:
             figs[f"flow_{name}"] = fig

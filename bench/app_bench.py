@@ -28,7 +28,8 @@ from timing import Row
 
 from app_pages import common, train_live
 from app_pages import jobs as runs
-from resviz.jobs import Series, TrainingJob
+from resviz.jobs import TrainingJob
+from resviz.train.records import History, JobSnapshot, Series, Status
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = "/usr/bin/chromium"
@@ -55,7 +56,7 @@ def default_job() -> tuple[TrainingJob, float]:
     load_s = time.perf_counter() - t0
     net_cfg = common.with_dataset_shape(common.DEFAULT_NET, bundle.num_classes, bundle.channels)
     cfg = replace(common.DEFAULT_TRAIN, eval_every=train_live.eval_every(len(bundle.train), common.DEFAULT_TRAIN))
-    return TrainingJob(net_cfg, bundle, cfg, twin=True), load_s
+    return TrainingJob(net_cfg, bundle, cfg, twin=True, num_threads=runs.WORKER_THREADS), load_s
 
 
 def run_headless() -> dict[str, Any]:
@@ -66,13 +67,14 @@ def run_headless() -> dict[str, Any]:
     samples = []
     while not job.join(timeout=1.0):  # one reading a second, like the page's refresh
         snap = job.snapshot()
-        if snap["step"] > 0 and snap["status"] == "running":
-            samples.append((snap["step"], snap["images_per_s"]))
+        if snap.step > 0 and snap.status == Status.RUNNING:
+            samples.append((snap.step, snap.images_per_s))
     wall = time.perf_counter() - t0
     snap = job.snapshot()
-    return {"wall_s": wall, "load_s": load_s, "status": snap["status"], "steps": snap["step"],
-            "ips": _steady(samples, snap["total_steps"]),
-            "acc": {n: snap["latest"].get(f"{n}/test_acc", float("nan")) for n in snap["names"]}}
+    acc = {n: snap.latest[n].test_acc if n in snap.latest else None for n in snap.names}
+    return {"wall_s": wall, "load_s": load_s, "status": str(snap.status), "steps": snap.step,
+            "ips": _steady(samples, snap.total_steps),
+            "acc": {n: float("nan") if a is None else a for n, a in acc.items()}}
 
 
 def _steady(samples: list[tuple[int, float]], total: int) -> float:
@@ -231,32 +233,40 @@ def _browser_rows(quick: bool, headless: list[dict]) -> list[Row]:
 
 
 # -- chart payload ----------------------------------------------------------------------------------
-def simulated_snapshot(steps: int = 6000, blocks: int = 15, seed: int = 0) -> dict[str, Any]:
+def simulated_snapshot(steps: int = 6000, blocks: int = 15, seed: int = 0) -> JobSnapshot:
     """A job snapshot as ``TrainingJob.snapshot()`` gives it after ``steps`` steps of a twin run.
 
-    6000 steps is a 10-minute run at 10 steps/s; every series is capped and thinned by ``resviz.jobs.Series``
-    exactly as in a real job (500 points), probes every 5 steps, a test evaluation every 300 steps.
+    6000 steps is a 10-minute run at 10 steps/s; every series is capped and thinned by
+    ``resviz.train.records.Series`` exactly as in a real job (500 points), probes every 5 steps, a test
+    evaluation every 300 steps.
     """
     rng = np.random.default_rng(seed)
     names = ("residual", "plain")
-    hist = {f"{n}/{m}": Series(500) for n in names for m in ("loss", "acc", "grad_norm", "param_norm")}
-    hist |= {f"{n}/{m}": Series(500) for n in names for m in ("test_loss", "test_acc")}
-    hist |= {"lr": Series(500), "images_per_s": Series(500)}
+    metrics = ("loss", "acc", "grad_norm", "param_norm", "test_loss", "test_acc")
+    hist = {n: {m: Series(500) for m in metrics} for n in names}
+    lr, ips = Series(500), Series(500)
     keys = ("f_norm", "s_norm", "ratio", "cosine", "mean_sq", "var", "branch_var", "grad_branch", "grad_shortcut",
             "grad_total", "grad_block")
-    probes = {f"{n}/{k}": Series(500, (blocks,)) for n in names for k in keys}
+    probes = {n: {k: Series(500, (blocks,)) for k in keys} for n in names}
     for step in range(1, steps + 1):
-        for key, s in hist.items():
-            if "test_" not in key or step % 300 == 0:
-                s.append(step, rng.lognormal(0.0, 1.0))
+        for ms in hist.values():
+            for m, s in ms.items():
+                if not m.startswith("test_") or step % 300 == 0:
+                    s.append(step, rng.lognormal(0.0, 1.0))
+        lr.append(step, rng.lognormal(0.0, 1.0))
+        ips.append(step, rng.lognormal(0.0, 1.0))
         if step % 5 == 0:
-            for s in probes.values():
+            for s in (s for rs in probes.values() for s in rs.values()):
                 s.append(step, rng.lognormal(-2.0, 1.5, blocks))
-    return {"id": "simulated", "step": steps, "names": list(names),
-            "history": {k: s.arrays() for k, s in hist.items()}, "probes": {k: s.arrays() for k, s in probes.items()}}
+    history = History(nets={n: {m: s.points() for m, s in ms.items()} for n, ms in hist.items()},
+                      lr=lr.points(), images_per_s=ips.points(),
+                      probes={n: {k: s.points() for k, s in rs.items()} for n, rs in probes.items()})
+    return JobSnapshot(id="simulated", status=Status.RUNNING, error="", created=0.0, started=0.0, ended=None,
+                       step=steps, total_steps=steps, epoch=0.0, progress=1.0, eta_s=None, images_per_s=0.0,
+                       time_s=0.0, names=names, net_cfg={}, train_cfg={}, latest={}, history=history, param_names={})
 
 
-def refresh_cost(snap: dict[str, Any], points: int) -> tuple[float, float]:
+def refresh_cost(snap: JobSnapshot, points: int) -> tuple[float, float]:
     """(KB of chart JSON, CPU seconds) of one live-view refresh: build the figures as the page does, then
     convert them as ``st.plotly_chart`` does (validate, then ``plotly.io.to_json``)."""
     import plotly.io as pio

@@ -44,8 +44,7 @@ import torch.nn.functional as F  # noqa: E402, N812
 from timing import Row, best_ratio, interleaved, markdown_table, median_ratio, ms, paired  # noqa: E402
 from torch.utils.data import TensorDataset  # noqa: E402
 
-from resviz import NetConfig, TrainConfig, build_net  # noqa: E402
-from resviz.runtime import keep_freed_memory  # noqa: E402
+from resviz import NetConfig, TrainConfig, build_net, runtime  # noqa: E402
 from resviz.train.trainer import Trainer, build_nets  # noqa: E402
 
 SECTIONS = ("train", "twin", "inspect", "app", "tta", "gpu")
@@ -141,7 +140,7 @@ def warm(steppers: dict[str, Callable], n: int = 2) -> None:
 def _bare_child(conn: object, threads: int) -> None:
     """Baseline A in a process of its own, with glibc's default malloc settings (as a bare loop runs):
     answers each ``n`` received with the seconds that ``n`` steps took; stops on ``0``."""
-    torch.set_num_threads(threads)
+    runtime.tune(threads=threads)
     step = bare_stepper(random_data(BATCH * 10), True)
     while n := conn.recv():
         t0 = time.perf_counter()
@@ -177,7 +176,7 @@ def section_train(quick: bool) -> list[Row]:
     data = random_data(BATCH * 10)
     closers = []
     # A: the bare loop in its own process with the C library's default allocator, as a user's loop runs;
-    # A' and B in this process, under the allocator setting the Trainer makes (a stricter comparison).
+    # A' and B in this process, under the allocator setting resviz.runtime.tune makes (a stricter comparison).
     child = ChildStepper(torch.get_num_threads())
     steppers = {"A": child, "A'": bare_stepper(data, True), "B": bare_stepper(data, False)}
     for name, every in (("off", 0), ("live", APP_PROBE_EVERY), ("every", 1)):
@@ -193,7 +192,7 @@ def section_train(quick: bool) -> list[Row]:
     rate = {k: _rates(v, BATCH) for k, v in t.items()}
     rows = [Row("1", "bare loop, NCHW (B) vs channels-last (A')", rate["B"], "A': " + rate["A'"],
                 best_ratio(t["A'"], t["B"]), median=median_ratio(t["A'"], t["B"])),
-            Row("1", "bare loop A' (this process, the Trainer's malloc setting) vs A (own process, defaults)", rate["A'"],
+            Row("1", "bare loop A' (this process, tuned malloc setting) vs A (own process, defaults)", rate["A'"],
                 f"A: {rate['A']}", best_ratio(t["A"], t["A'"]), "(reference)", None, median_ratio(t["A"], t["A'"]))]
     for key, what, target in (("off", "Trainer, instruments off", 1.0),
                               ("live", f"Trainer, all live instruments every {APP_PROBE_EVERY} steps (app default)", 0.9),
@@ -372,9 +371,9 @@ def main(argv: list[str] | None = None) -> int:
 
         if app_bench.default_probe_every() != APP_PROBE_EVERY:
             raise SystemExit(f"the Train page now probes every {app_bench.default_probe_every()} steps; update APP_PROBE_EVERY")
-    # The Trainer asks glibc to keep freed memory for the next step; do it up front so the bare loops
-    # run under the same allocator settings from their first step.
-    tuned = keep_freed_memory()
+    # The bench is an entry point: it tunes the process as the app and the CLI do (the Trainer changes no
+    # process-wide setting), up front, so the bare loops run under the same allocator settings from their first step.
+    tuned = runtime.tune(keep_freed_memory=True, cudnn_benchmark=True).keep_freed_memory
     info, start_load, t0 = machine_info(args.threads), load_avg(), time.perf_counter()
     info.append(f"glibc malloc keeps freed memory for reuse (resviz.runtime, for every row): {'yes' if tuned else 'no'}")
     rows: list[Row] = []
@@ -382,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in SECTIONS:
         if name not in chosen:
             continue
-        torch.set_num_threads(args.threads)
+        runtime.tune(threads=args.threads)
         print(f"[bench] {name} ...", file=sys.stderr, flush=True)
         if name in ("train", "twin", "inspect", "gpu"):
             rows += globals()[f"section_{name}"](args.quick)

@@ -30,7 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout without installing
 
-from resviz import BlockConfig, NetConfig, TrainConfig, __version__  # noqa: E402
+from resviz import BlockConfig, NetConfig, TrainConfig, __version__, runtime  # noqa: E402
 from resviz.data.datasets import load_dataset  # noqa: E402
 from resviz.storage.checkpoints import file_sha256, save_checkpoint  # noqa: E402
 from resviz.train.trainer import evaluate, fit  # noqa: E402
@@ -90,7 +90,7 @@ def run_recipe(key: str, out: Path) -> list[dict[str, Any]]:
     for net_name, ckpt_name in r["names"].items():
         net = result.nets[net_name].cpu().eval()
         loss, acc = evaluate(net, bundle.test, batch_size=500)  # float32 on the CPU, as the tests do
-        metrics = {"test_acc": acc, "test_loss": loss, "train_time_s": seconds, "steps": result.history[-1]["step"]}
+        metrics = {"test_acc": acc, "test_loss": loss, "train_time_s": seconds, "steps": result.history[-1].step}
         path = save_checkpoint(net, out / ckpt_name, dataset=info, metrics=metrics)
         entries.append({
             "name": ckpt_name, "recipe": key, "description": r["descriptions"][net_name], "kind": net_name,
@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--only", choices=sorted(RECIPES), action="append", help="train only these recipes")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    runtime.tune(threads=args.threads, keep_freed_memory=True, cudnn_benchmark=True)  # this script's process settings
     args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     entries = [e for key in (args.only or list(RECIPES)) for e in run_recipe(key, args.out)]

@@ -23,8 +23,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
+from resviz import runtime
 from resviz.storage.rundirs import dumps, load_run
 from resviz.train import distributed
+from resviz.train.records import StepRecord, curves, history_of
 
 PRETRAINED_SCRIPT = Path(__file__).resolve().parent.parent / "pretrained" / "make_pretrained.py"
 TRAIN_FLAGS = {  # flag -> (section, field, type)
@@ -147,9 +149,9 @@ def cmd_train(args: argparse.Namespace, out: TextIO) -> int:
     info = distributed.init_distributed(spec.train.device)
     bar = TerminalProgress("train", enabled=info.is_main and not args.quiet)
 
-    def show(rec: dict[str, Any]) -> None:
-        nets = " ".join(f"{k} {m.get('loss', float('nan')):.3f}" for k, m in rec.get("nets", {}).items())
-        bar(rec["step"] / max(rec["total_steps"], 1), f"step {rec['step']}/{rec['total_steps']} loss {nets}")
+    def show(rec: StepRecord) -> None:
+        nets = " ".join(f"{k} {m.loss:.3f}" for k, m in rec.nets.items())
+        bar(rec.step / max(rec.total_steps, 1), f"step {rec.step}/{rec.total_steps} loss {nets}")
 
     try:
         summary = train_to_dir(spec, args.out, progress=show)
@@ -224,6 +226,8 @@ def format_result(result: dict[str, Any]) -> str:
 
 
 def cmd_show(args: argparse.Namespace, out: TextIO) -> int:
+    from resviz.train.headless import step_records
+
     run = load_run(args.path)
     out.write(f"{run.path}: {run.kind} run, {len(run.metrics)} metrics lines, {len(run.checkpoints)} checkpoint(s)\n")
     for note in run.notes:
@@ -234,7 +238,16 @@ def cmd_show(args: argparse.Namespace, out: TextIO) -> int:
         out.write(format_summary(run.summary) + "\n")
     elif run.metrics:
         out.write(f"last step: {dumps(run.metrics[-1], sort_keys=True)}\n")
+    if run.kind == "train":
+        out.write(format_curves(step_records(run)))
     return 0
+
+
+def format_curves(records: Sequence[StepRecord]) -> str:
+    """One line per recorded curve: its label, how many points, and its last value."""
+    lines = [f"  {c.label}: {len(c.steps)} points, last {float(c.values[-1]):.4g} at step {int(c.steps[-1])}"
+             for c in curves(history_of(records)) if len(c.steps)]
+    return "curves:\n" + "\n".join(lines) + "\n" if lines else ""
 
 
 def cmd_pretrained(args: argparse.Namespace, out: TextIO) -> int:
@@ -270,10 +283,8 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
         args.args = [*extra, *args.args]
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
+    # The process-wide settings of a CLI run (the library changes none): threads, allocator, cuDNN.
+    runtime.tune(threads=args.threads or None, keep_freed_memory=True, cudnn_benchmark=True)
     try:
         return COMMANDS[args.command](args, out or sys.stdout)
     except (ValueError, FileNotFoundError) as e:

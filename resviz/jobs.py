@@ -1,80 +1,67 @@
-"""Training jobs for the app: a worker thread per run, a bounded history, a process-wide registry.
+"""Background jobs for the app: training runs and studies behind one protocol, status vocabulary and registry.
 
-:class:`TrainingJob` drives a :class:`~resviz.train.trainer.Trainer` in a daemon thread with pause, resume and
-stop; the UI polls :meth:`TrainingJob.snapshot`, a small thread-safe copy made of numbers, strings and
-numpy arrays. :class:`JobRegistry` caps how many jobs train at once and keeps one active job per
-browser session. Nothing here imports streamlit.
-
-Snapshot format::
-
-    {"id", "status", "error", "created", "started", "ended", "step", "total_steps", "epoch",
-     "progress" (0..1), "eta_s" (None until known), "images_per_s", "time_s", "names" (net names),
-     "net_cfg", "train_cfg" (dicts), "latest" ({"residual/loss": 0.4, ...}: newest value of each metric),
-     "history" ({"residual/loss": (steps int64 (n,), values float32 (n,)), ...}),
-     "probes" ({"residual/grad_block": (steps (n,), values (n, B)), ...}), "param_names"}
-
-History keys are ``"<net>/<metric>"`` (``loss``, ``acc``, ``grad_norm``, ``param_norm``, ``test_loss``,
-``test_acc``) plus ``"lr"`` and ``"images_per_s"``; every series keeps at most ``history_points``
-points, dense for the newest steps and thinned for older ones.
+A :class:`Job` runs in a daemon thread; the UI polls its ``snapshot()``, a thread-safe copy.
+:class:`TrainingJob` drives a :class:`~resviz.train.trainer.Trainer` with pause, resume and stop and
+snapshots into a :class:`~resviz.train.records.JobSnapshot` (every series keeps at most
+``history_points`` points, dense for the newest steps and thinned for older ones);
+:class:`resviz.experiments.runner.StudyJob` runs a study. :class:`JobRegistry` caps how many jobs of
+any kind run at once and keeps one active job of each kind per browser session. Nothing here imports
+streamlit, and nothing here changes a process-wide setting except the explicit thread count a
+job is given (``num_threads``, applied by :func:`resviz.runtime.tune` in the job's own worker).
 """
 
 from __future__ import annotations
 
 import itertools
-import os
 import threading
 import time
 import uuid
 from collections import OrderedDict
-from typing import Any
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
-import numpy as np
-import torch
 from torch import nn
 
+from resviz import runtime
 from resviz.config import NetConfig, TrainConfig
+from resviz.train.records import HistoryRecorder, JobSnapshot, Status, StepRecord
 from resviz.train.trainer import Trainer, build_nets
 
-ACTIVE = ("pending", "running", "paused")
-WORKER_PREFIX = "resviz-job-"  # name prefix of every training worker thread
-STATUSES = (*ACTIVE, "stopped", "finished", "diverged", "failed")
+__all__ = ["Job", "JobLimitError", "JobRegistry", "Status", "TrainingJob", "engine_text", "live_workers"]
+
+ACTIVE = (Status.PENDING, Status.RUNNING, Status.PAUSED)  # a job in one of these holds a place under the cap
+WORKER_PREFIX = "resviz-job-"  # name prefix of every job's worker thread (studies: "resviz-job-study-")
 
 
-class Series:
-    """A bounded series of (step, value) points; when full, the older half is thinned by 2.
-
-    Repeated thinning leaves point density growing geometrically towards the newest steps, so a
-    long run keeps its overall shape and its recent detail in at most ``cap`` points.
-    """
-
-    def __init__(self, cap: int = 500, shape: tuple[int, ...] = ()) -> None:
-        self.cap, self.shape, self.n = max(cap, 4), tuple(shape), 0
-        self.steps = np.empty(self.cap, np.int64)
-        self.values = np.empty((self.cap, *self.shape), np.float32)
-
-    def append(self, step: int, value: Any) -> None:
-        value = np.asarray(value, np.float32)
-        if value.shape != self.shape:
-            raise ValueError(f"series holds shape {self.shape}, got {value.shape}")
-        if self.n == self.cap:
-            half = self.n // 2
-            keep = np.r_[np.arange(0, half, 2), np.arange(half, self.n)]
-            self.n = len(keep)
-            self.steps[: self.n], self.values[: self.n] = self.steps[keep], self.values[keep]
-        self.steps[self.n], self.values[self.n] = step, value
-        self.n += 1
-
-    def arrays(self) -> tuple[np.ndarray, np.ndarray]:
-        """Copies of the stored steps and values."""
-        return self.steps[: self.n].copy(), self.values[: self.n].copy()
+J = TypeVar("J", bound="Job")
 
 
-def flatten_record(rec: dict[str, Any]) -> dict[str, float]:
-    """The scalar metrics of a trainer record as ``{"<net>/<metric>": value, "lr": ..., ...}``."""
-    out = {k: float(rec[k]) for k in ("lr", "images_per_s") if k in rec}
-    for name, metrics in rec.get("nets", {}).items():
-        out.update({f"{name}/{k}": float(v) for k, v in metrics.items()})
-    return out
+@runtime_checkable
+class Job(Protocol):
+    """What the registry and the app need of a background job (training run or study)."""
+
+    id: str
+
+    @property
+    def status(self) -> Status: ...
+
+    @property
+    def active(self) -> bool:
+        """Pending, running or paused."""
+        ...
+
+    def start(self) -> Job: ...
+
+    def stop(self) -> None:
+        """Ask the job to stop soon (idempotent; does not wait)."""
+        ...
+
+    def join(self, timeout: float | None = None) -> bool:
+        """Wait for the worker; True when it has ended (or never started)."""
+        ...
+
+    def snapshot(self) -> Any:
+        """A thread-safe copy of what the UI shows."""
+        ...
 
 
 class TrainingJob:
@@ -85,9 +72,9 @@ class TrainingJob:
         data: a ``DatasetBundle`` (anything with ``train``/``test`` TensorDatasets).
         train_cfg: optimisation settings.
         twin: also train the plain twin in lockstep.
-        num_threads: torch intra-op threads for the worker. None: one less than the usable cores (at
-            least 1), so a web server on the same box keeps a core; 0: leave torch's setting. PyTorch
-            applies it to the worker thread and to threads started later, not to running ones.
+        num_threads: torch intra-op threads, set by the worker through :func:`resviz.runtime.tune` when it
+            starts (PyTorch applies it to that thread and to threads started later, not to running ones).
+            None leaves torch's setting; the app passes :func:`resviz.runtime.default_threads`.
         nets: train these nets instead of building them from ``net_cfg``.
         history_points: the most points kept per history series.
     """
@@ -104,23 +91,22 @@ class TrainingJob:
         self._stop, self._go = threading.Event(), threading.Event()
         self._go.set()
         self._thread: threading.Thread | None = None
-        self._status, self._error = "pending", ""
-        self._started = self._ended = None
-        self._last: dict[str, Any] = {}
-        self._latest: dict[str, float] = {}  # the newest value of every metric (test_* from the last evaluation)
+        self._status, self._error = Status.PENDING, ""
+        self._started: float | None = None
+        self._ended: float | None = None
+        self._last: StepRecord | None = None
         self._total = 0
-        self._history: dict[str, Series] = {}
-        self._probes: dict[str, Series] = {}
-        self._param_names: dict[str, list[str]] = {}
+        self._history = HistoryRecorder(history_points)
+        self._param_names: dict[str, tuple[str, ...]] = {}
         self._engine = ""  # how the GPU runs the steps ("" on CPU), see engine_text()
 
     # -- control ------------------------------------------------------------------------------
     def start(self) -> TrainingJob:
         """Start the worker (a second call does nothing)."""
         with self._lock:
-            if self._thread is not None or self._status != "pending":
+            if self._thread is not None or self._status != Status.PENDING:
                 return self
-            self._status, self._started = "running", time.time()
+            self._status, self._started = Status.RUNNING, time.time()
             self._thread = threading.Thread(target=self._run, name=f"{WORKER_PREFIX}{self.id}", daemon=True)
             self._thread.start()
         return self
@@ -128,14 +114,14 @@ class TrainingJob:
     def pause(self) -> None:
         """Pause after the current step (no effect unless running)."""
         with self._lock:
-            if self._status == "running":
+            if self._status == Status.RUNNING:
                 self._go.clear()
-                self._status = "paused"
+                self._status = Status.PAUSED
 
     def resume(self) -> None:
         with self._lock:
-            if self._status == "paused":
-                self._status = "running"
+            if self._status == Status.PAUSED:
+                self._status = Status.RUNNING
                 self._go.set()
 
     def stop(self, wait: bool = False, timeout: float | None = 10.0) -> None:
@@ -143,8 +129,8 @@ class TrainingJob:
         with self._lock:
             self._stop.set()
             self._go.set()
-            if self._status == "pending":  # never started: nothing to wait for
-                self._status, self._ended = "stopped", time.time()
+            if self._status == Status.PENDING:  # never started: nothing to wait for
+                self._status, self._ended = Status.STOPPED, time.time()
         if wait:
             self.join(timeout)
 
@@ -157,7 +143,7 @@ class TrainingJob:
 
     # -- state --------------------------------------------------------------------------------
     @property
-    def status(self) -> str:
+    def status(self) -> Status:
         with self._lock:
             return self._status
 
@@ -168,45 +154,41 @@ class TrainingJob:
 
     @property
     def active(self) -> bool:
-        return self.status in ACTIVE
+        return self.status.active
 
     @property
     def alive(self) -> bool:
         t = self._thread
         return t is not None and t.is_alive()
 
-    def snapshot(self) -> dict[str, Any]:
-        """A thread-safe copy of everything the UI shows (see the module docstring)."""
+    def snapshot(self) -> JobSnapshot:
+        """A thread-safe copy of everything the UI shows."""
         with self._lock:
             last, total = self._last, self._total
-            step, time_s = last.get("step", 0), last.get("time_s", 0.0)
+            step, time_s = (last.step, last.time_s) if last is not None else (0, 0.0)
             eta = time_s / step * (total - step) if step and total else None
-            return {
-                "id": self.id, "status": self._status, "error": self._error, "created": self.created,
-                "started": self._started, "ended": self._ended, "step": step, "total_steps": total,
-                "epoch": last.get("epoch", 0.0), "progress": step / total if total else 0.0,
-                "eta_s": None if self._status not in ACTIVE else eta, "images_per_s": last.get("images_per_s", 0.0),
-                "time_s": time_s, "names": list(self.nets), "net_cfg": self.net_cfg.to_dict(),
-                "train_cfg": self.train_cfg.to_dict(), "latest": dict(self._latest),
-                "history": {k: s.arrays() for k, s in self._history.items()},
-                "probes": {k: s.arrays() for k, s in self._probes.items()},
-                "param_names": {k: list(v) for k, v in self._param_names.items()},
-                "engine": self._engine,
-            }
+            return JobSnapshot(
+                id=self.id, status=self._status, error=self._error, created=self.created, started=self._started,
+                ended=self._ended, step=step, total_steps=total, epoch=last.epoch if last is not None else 0.0,
+                progress=step / total if total else 0.0, eta_s=eta if self._status.active else None,
+                images_per_s=last.images_per_s if last is not None else 0.0, time_s=time_s, names=tuple(self.nets),
+                net_cfg=self.net_cfg.to_dict(), train_cfg=self.train_cfg.to_dict(),
+                latest=dict(self._history.latest), history=self._history.history(),
+                param_names=dict(self._param_names), engine=self._engine,
+            )
 
     # -- worker -------------------------------------------------------------------------------
     def _run(self) -> None:
         try:
-            threads = default_threads() if self.num_threads is None else self.num_threads
-            if threads:
-                torch.set_num_threads(threads)
+            if self.num_threads:
+                runtime.tune(threads=self.num_threads)  # this worker's explicit setting (see num_threads)
             nets = self.nets or build_nets(self.net_cfg, twin=self.twin, seed=self.train_cfg.seed)
             trainer = Trainer(nets, self.data, self.train_cfg)
             with self._lock:
                 self.nets, self._total = trainer.nets, trainer.total_steps
             self._drive(trainer)
         except BaseException as e:  # the worker must never die silently: the UI shows the reason
-            self._finish("failed", _describe(e))
+            self._finish(Status.FAILED, _describe(e))
 
     def _drive(self, trainer: Trainer) -> None:
         steps = trainer.steps()
@@ -217,36 +199,24 @@ class TrainingJob:
                     break
         finally:
             steps.close()  # removes the instruments' hooks when stopped early
-        if trainer.status in ("finished", "diverged"):
-            self._finish(trainer.status, trainer.message)
+        if trainer.status in (Status.FINISHED, Status.DIVERGED):
+            self._finish(Status(trainer.status), trainer.message)
         else:
-            self._finish("stopped", "")
+            self._finish(Status.STOPPED, "")
 
     def _wait_if_paused(self) -> bool:
         """Block while paused; False when a stop was requested."""
         self._go.wait()  # stop() sets it too, so a paused job still stops at once
         return not self._stop.is_set()
 
-    def _ingest(self, rec: dict[str, Any], trainer: Trainer) -> None:
+    def _ingest(self, rec: StepRecord, trainer: Trainer) -> None:
         with self._lock:
             self._last = rec
-            self._param_names = trainer.param_names
+            self._param_names = {k: tuple(v) for k, v in trainer.param_names.items()}
             self._engine = engine_text(trainer)
-            if rec["status"] == "diverged":  # the failed step's numbers are not part of the curves
-                return
-            for key, value in flatten_record(rec).items():
-                self._latest[key] = value
-                self._series(self._history, key, ()).append(rec["step"], value)
-            for name, readings in rec.get("probes", {}).items():
-                for key, arr in readings.items():
-                    self._series(self._probes, f"{name}/{key}", arr.shape).append(rec["step"], arr)
+            self._history.add(rec)  # the failed step of a diverged run has no metrics: the curves skip it
 
-    def _series(self, store: dict[str, Series], key: str, shape: tuple[int, ...]) -> Series:
-        if key not in store:
-            store[key] = Series(self.history_points, shape)
-        return store[key]
-
-    def _finish(self, status: str, error: str) -> None:
+    def _finish(self, status: Status, error: str) -> None:
         with self._lock:
             self._status, self._error, self._ended = status, error, time.time()
             self._go.set()
@@ -263,17 +233,8 @@ def engine_text(trainer: Trainer) -> str:
 
 
 def live_workers() -> int:
-    """Training worker threads alive in this process, in any registry (a stopped job's until it has ended)."""
+    """Job worker threads alive in this process, of any kind and registry (a stopped job's until it has ended)."""
     return sum(t.name.startswith(WORKER_PREFIX) and t.is_alive() for t in threading.enumerate())
-
-
-def default_threads() -> int:
-    """Usable cores minus one (at least 1): on a small box the web server keeps a core."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cores = os.cpu_count() or 2
-    return max(1, cores - 1)
 
 
 def _describe(e: BaseException) -> str:
@@ -288,7 +249,8 @@ class JobLimitError(RuntimeError):
 
 
 class JobRegistry:
-    """Process-wide bookkeeping of jobs: at most ``cap`` active jobs, one active job per session.
+    """Process-wide bookkeeping of jobs of every kind: at most ``cap`` active jobs in all, one active
+    job of each kind (class) per session.
 
     Finished jobs stay listed (at most ``keep`` per session) so they can be reopened and compared.
     """
@@ -296,24 +258,24 @@ class JobRegistry:
     def __init__(self, cap: int = 2, keep: int = 10) -> None:
         self.cap, self.keep = cap, keep
         self._lock = threading.Lock()
-        self._jobs: OrderedDict[str, list[TrainingJob]] = OrderedDict()
+        self._jobs: OrderedDict[str, list[Job]] = OrderedDict()
         self._releases: dict[str, threading.Timer] = {}  # sessions whose jobs stop when the timer fires
 
-    def submit(self, session_id: str, job: TrainingJob) -> TrainingJob:
-        """Start ``job`` for the session, or return the session's already active job (double click).
+    def submit(self, session_id: str, job: J) -> J:
+        """Start ``job`` for the session, or return the session's already active job of its kind (double click).
 
         Raises:
-            JobLimitError: when ``cap`` jobs are already active.
+            JobLimitError: when ``cap`` jobs (of any kind) are already active.
         """
         with self._lock:
             jobs = self._jobs.setdefault(session_id, [])
-            current = next((j for j in reversed(jobs) if j.active), None)
+            current = next((j for j in reversed(jobs) if j.active and type(j) is type(job)), None)
             if current is not None:
-                return current
+                return current  # type: ignore[return-value]
             if self._active_locked() >= self.cap:
                 raise JobLimitError(
-                    f"{self.cap} training run{'s are' if self.cap != 1 else ' is'} already going on this server; "
-                    "wait for one to finish or stop yours, then try again"
+                    f"{self.cap} job{'s are' if self.cap != 1 else ' is'} (training runs and studies) already going "
+                    "on this server; wait for one to finish or stop yours, then try again"
                 )
             jobs.append(job)
             self._trim(jobs)
@@ -323,7 +285,7 @@ class JobRegistry:
     def _active_locked(self) -> int:
         return sum(j.active for j in itertools.chain.from_iterable(self._jobs.values()))
 
-    def _trim(self, jobs: list[TrainingJob]) -> None:
+    def _trim(self, jobs: list[Job]) -> None:
         while len(jobs) > self.keep:
             old = next((j for j in jobs if not j.active), None)
             if old is None:
@@ -331,21 +293,23 @@ class JobRegistry:
             jobs.remove(old)
 
     def active_count(self) -> int:
+        """Active jobs of every kind and session."""
         with self._lock:
             return self._active_locked()
 
-    def get(self, session_id: str) -> TrainingJob | None:
-        """The session's active job, else its newest job, else None."""
-        jobs = self.jobs_for(session_id)
+    def get(self, session_id: str, kind: type[J] | None = None) -> J | None:
+        """The session's active job (of ``kind``, if given), else its newest such job, else None."""
+        jobs = self.jobs_for(session_id, kind)
         return next((j for j in reversed(jobs) if j.active), jobs[-1] if jobs else None)
 
-    def find(self, session_id: str, job_id: str) -> TrainingJob | None:
+    def find(self, session_id: str, job_id: str) -> Job | None:
         return next((j for j in self.jobs_for(session_id) if j.id == job_id), None)
 
-    def jobs_for(self, session_id: str) -> list[TrainingJob]:
-        """The session's jobs, oldest first."""
+    def jobs_for(self, session_id: str, kind: type[J] | None = None) -> list[J]:
+        """The session's jobs (of ``kind``, if given), oldest first."""
         with self._lock:
-            return list(self._jobs.get(session_id, []))
+            jobs = list(self._jobs.get(session_id, []))
+        return [j for j in jobs if kind is None or isinstance(j, kind)]  # type: ignore[misc]
 
     def stop_session(self, session_id: str, *, forget: bool = True, timeout: float = 10.0) -> None:
         """Stop the session's jobs and wait for their threads (the app calls this when a session ends)."""
@@ -408,16 +372,3 @@ class JobRegistry:
             timer.cancel()
         for sid in sessions:
             self.stop_session(sid, timeout=timeout)
-
-
-_DEFAULT: JobRegistry | None = None
-_DEFAULT_LOCK = threading.Lock()
-
-
-def default_registry(cap: int = 2) -> JobRegistry:
-    """The process-wide registry (created on first use with ``cap``)."""
-    global _DEFAULT
-    with _DEFAULT_LOCK:
-        if _DEFAULT is None:
-            _DEFAULT = JobRegistry(cap=cap)
-        return _DEFAULT

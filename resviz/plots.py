@@ -211,7 +211,8 @@ def grad_norm_figure(res_norms: Sequence[float] | Mapping[str, float] | None,
 def training_curves_figure(history: Mapping[str, Mapping[str, Any]]) -> go.Figure:
     """Train (solid) and test (dashed) loss and accuracy of each net, overlaid in two panels.
 
-    ``history[net] = {step, loss, acc, test_step, test_loss, test_acc}`` (lists).
+    ``history[net] = {step, loss, acc, test_step, test_loss, test_acc}`` (lists); a ``<key>_step`` entry
+    (e.g. ``test_loss_step``) gives that series its own steps.
     """
     fig = make_subplots(rows=1, cols=2, subplot_titles=("loss", "accuracy"))
     fig.update_layout(title="Training curves", template=TEMPLATE, hovermode="x unified")
@@ -219,7 +220,7 @@ def training_curves_figure(history: Mapping[str, Mapping[str, Any]]) -> go.Figur
         color = net_color(name, i)
         for col, key in ((1, "loss"), (2, "acc")):
             for split, xk, yk, dash in (("train", "step", key, "solid"), ("test", "test_step", f"test_{key}", "dash")):
-                x, y = _xy(h.get(xk), h.get(yk))
+                x, y = _xy(h.get(f"{yk}_step", h.get(xk)), h.get(yk))
                 fig.add_trace(go.Scatter(x=x, y=y, mode="lines" if split == "train" else "lines+markers",
                                          name=f"{name} {split}", legendgroup=name, showlegend=col == 1,
                                          line={"color": color, "dash": dash}), row=1, col=col)

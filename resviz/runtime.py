@@ -1,4 +1,10 @@
-"""Keep freed CPU memory for reuse: training frees and re-allocates the same activations every step.
+"""Process-wide tuning, opt-in: :func:`tune` is called by the entry points (app, CLI, bench), never by the library.
+
+nanoGPT's rule: the model and the trainer change no process-wide setting; the script that runs
+them decides threads, the allocator and cuDNN's autotuner. ResViz's entry points call :func:`tune`
+once at start-up, and a job's worker calls it for its own thread count.
+
+Keep freed CPU memory for reuse: training frees and re-allocates the same activations every step.
 
 glibc's malloc hands large freed blocks back to the operating system (it trims the top of the heap
 once more than a few tens of MB are free, and serves big requests with fresh ``mmap`` calls). A CPU
@@ -17,7 +23,11 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
 import sys
+from dataclasses import dataclass
+
+import torch
 
 M_TRIM_THRESHOLD = -1  # mallopt parameter numbers from glibc's <malloc.h>
 M_MMAP_THRESHOLD = -3
@@ -25,6 +35,42 @@ TRIM_THRESHOLD = 1 << 30  # keep up to 1 GiB free at the top of the heap (a step
 MMAP_THRESHOLD = 256 << 20  # blocks below 256 MiB come from the heap, so they can be reused
 
 _applied: bool | None = None
+
+
+@dataclass(frozen=True)
+class Tuning:
+    """What :func:`tune` applied (None: left alone)."""
+
+    threads: int | None = None
+    keep_freed_memory: bool | None = None  # True when glibc took the setting
+    cudnn_benchmark: bool | None = None
+
+
+def tune(*, threads: int | None = None, keep_freed_memory: bool = False, cudnn_benchmark: bool | None = None) -> Tuning:
+    """Apply process-wide settings; each argument left at its default changes nothing.
+
+    Args:
+        threads: torch intra-op threads (``torch.set_num_threads``: the calling thread and threads
+            started after it). None or 0: leave torch's setting.
+        keep_freed_memory: ask glibc to keep freed blocks for reuse (:func:`keep_freed_memory`; CPU training).
+        cudnn_benchmark: set ``torch.backends.cudnn.benchmark`` (fixed shapes: cuDNN times its
+            algorithms once and keeps the fastest).
+    """
+    if threads:
+        torch.set_num_threads(threads)
+    kept = _keep_freed_memory() if keep_freed_memory else None
+    if cudnn_benchmark is not None:
+        torch.backends.cudnn.benchmark = cudnn_benchmark
+    return Tuning(threads=threads or None, keep_freed_memory=kept, cudnn_benchmark=cudnn_benchmark)
+
+
+def default_threads() -> int:
+    """Usable cores minus one (at least 1): on a small box the web server keeps a core."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 2
+    return max(1, cores - 1)
 
 
 def keep_freed_memory() -> bool:
@@ -36,6 +82,9 @@ def keep_freed_memory() -> bool:
     if _applied is None:
         _applied = _mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) and _mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)
     return _applied
+
+
+_keep_freed_memory = keep_freed_memory  # for tune(), whose argument has the same name
 
 
 def _mallopt(param: int, value: int) -> bool:

@@ -124,3 +124,31 @@ def test_progress_line_on_a_pipe_prints_every_tenth() -> None:
         bar(i / 100, f"step {i}")
     lines = stream.getvalue().splitlines()
     assert len(lines) == 11 and lines[-1].startswith("x 100%")
+
+
+# A metrics.jsonl line as every earlier version wrote it: a NaN stored as null, no "diverged" key, and a
+# test loss left out at an evaluation whose loss was not finite.
+OLD_LINES = [
+    {"step": 1, "total_steps": 2, "epoch": 0.5, "lr": 0.1, "images_per_s": 900.0, "time_s": 0.2, "status": "running",
+     "nets": {"residual": {"loss": 2.0, "acc": 0.25, "grad_norm": 1.5, "param_norm": 30.0},
+              "plain": {"loss": None, "acc": 0.5, "grad_norm": 1.0, "param_norm": 29.0}}},
+    {"step": 2, "total_steps": 2, "epoch": 1.0, "lr": 0.05, "images_per_s": 950.0, "time_s": 0.4, "status": "finished",
+     "nets": {"residual": {"loss": 1.5, "acc": 0.5, "grad_norm": 1.2, "param_norm": 30.5, "test_loss": 1.4, "test_acc": 0.6},
+              "plain": {"loss": 1.9, "acc": 0.5, "grad_norm": 1.1, "param_norm": 29.5, "test_acc": 0.4}}},
+]
+
+
+def test_old_metrics_lines_read_as_step_records_and_show_lists_their_curves(tmp_path: Path) -> None:
+    from resviz.train.records import Status, StepRecord
+
+    write_json(tmp_path / "config.json", {"kind": "train"})
+    with MetricsLog(tmp_path / "metrics.jsonl") as log:
+        for line in OLD_LINES:
+            log.write(line)
+    recs = [StepRecord.from_json(r) for r in load_run(tmp_path).metrics]
+    assert [r.step for r in recs] == [1, 2] and recs[1].status is Status.FINISHED and recs[1].evaluated
+    assert recs[0].nets["plain"].loss != recs[0].nets["plain"].loss  # null -> NaN
+    assert recs[1].nets["plain"].test_loss is None and recs[1].nets["residual"].test_acc == 0.6
+    assert StepRecord.from_json(recs[1].to_json()) == recs[1]  # what is written now reads back the same
+    code, text = _main("show", str(tmp_path))
+    assert code == 0 and "residual/test_acc: 1 points, last 0.6 at step 2" in text and "lr: 2 points" in text

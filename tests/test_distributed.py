@@ -16,6 +16,7 @@ from resviz.storage.checkpoints import load_checkpoint
 from resviz.storage.rundirs import load_run
 from resviz.train import distributed
 from resviz.train.headless import RunSpec, train_to_dir
+from resviz.train.records import StepRecord
 
 ROOT = Path(__file__).resolve().parents[1]
 # GroupNorm: BatchNorm would normalise each rank's half batch on its own (SyncBatchNorm needs a GPU).
@@ -88,8 +89,10 @@ def test_two_process_ddp_run_matches_one_process(tmp_path: Path) -> None:
         assert max((a[k].float() - b[k].float()).abs().max().item() for k in a) < 1e-5
         for key in ("loss", "test_loss", "grad_norm"):
             assert ddp.summary["final"][name][key] == pytest.approx(single["final"][name][key], rel=1e-4)
-    losses = [r["nets"]["residual"]["loss"] for r in ddp.metrics]
-    assert losses == pytest.approx([r["nets"]["residual"]["loss"] for r in load_run(tmp_path / "one").metrics], rel=1e-4)
+    ddp_records = [StepRecord.from_json(r) for r in ddp.metrics]
+    losses = [r.nets["residual"].loss for r in ddp_records]
+    one = [StepRecord.from_json(r) for r in load_run(tmp_path / "one").metrics]
+    assert losses == pytest.approx([r.nets["residual"].loss for r in one], rel=1e-4)
 
 
 @pytest.mark.slow

@@ -16,6 +16,7 @@ import torch
 
 from resviz.experiments import STUDIES, common, get_study, twins
 from resviz.experiments.runner import StudyJob, run_study
+from resviz.train.records import Status
 
 # Small enough for CI on 2 cores, big enough that the orderings show: 16 px shapes, width 8.
 TRAIN = {"width": 8, "input_size": 16, "train_size": 1500, "test_size": 300, "steps": 150, "batch_size": 64, "lr": 0.1}
@@ -167,7 +168,7 @@ def test_progress_is_monotone_and_ends_at_one() -> None:
 
 def test_study_job_runs_in_a_thread_and_matches_run_study() -> None:
     job = StudyJob("shattered", "small", SEED, overrides=SMALL["shattered"], num_threads=None).start()
-    assert job.join(120) and job.snapshot()["status"] == "finished"
+    assert job.join(120) and job.snapshot()["status"] == "finished" and job.status is Status.FINISHED
     got = job.snapshot()["result"]
     want = dict(result("shattered"))
     got, want = {k: v for k, v in got.items() if k != "time_s"}, {k: v for k, v in want.items() if k != "time_s"}

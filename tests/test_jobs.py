@@ -9,9 +9,11 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
-from resviz import NetConfig, TrainConfig
+from resviz import NetConfig, TrainConfig, runtime
 from resviz import jobs as jobs_mod
-from resviz.jobs import JobLimitError, JobRegistry, Series, TrainingJob
+from resviz.experiments.runner import StudyJob
+from resviz.jobs import Job, JobLimitError, JobRegistry, Status, TrainingJob
+from resviz.train.records import JobSnapshot, Series, curves
 from resviz.train.trainer import fit
 
 NET = NetConfig(depth=8, width=8, input_size=16, num_classes=3)
@@ -52,38 +54,40 @@ def _wait(pred, timeout: float = 60.0) -> None:
 
 
 def _step(job: TrainingJob) -> int:
-    return job.snapshot()["step"]
+    return job.snapshot().step
 
 
 def test_job_runs_to_completion_with_bounded_finite_history():
     job = TrainingJob(NET, _data(), _cfg(epochs=3), history_points=4).start()
     assert job.join(60) and job.status == "finished" and job.error == ""
     snap = job.snapshot()
-    assert snap["progress"] == 1.0 and snap["step"] == snap["total_steps"] == 6 and snap["eta_s"] is None
-    assert snap["names"] == ["residual", "plain"] and set(job.nets) == {"residual", "plain"}
-    steps, values = snap["history"]["residual/loss"]
+    assert isinstance(snap, JobSnapshot) and snap.status is Status.FINISHED
+    assert snap.progress == 1.0 and snap.step == snap.total_steps == 6 and snap.eta_s is None
+    assert snap.names == ("residual", "plain") and set(job.nets) == {"residual", "plain"}
+    loss = snap.history.nets["residual"]["loss"]
+    steps, values = loss.steps, loss.values
     assert len(steps) == 4 and steps[-1] == 6 and values.dtype == np.float32 and np.isfinite(values).all()
-    assert snap["history"]["plain/test_acc"][0].tolist() == [2, 4, 6]  # once per epoch of 2 steps
-    assert snap["latest"]["plain/test_acc"] == snap["history"]["plain/test_acc"][1][-1].item()
-    grad_steps, grad = snap["probes"]["residual/grad_block"]
-    assert grad_steps.tolist() == [2, 4, 6] and grad.shape == (3, NET.num_blocks)
-    assert len(snap["param_names"]["residual"]) > 0 and snap["net_cfg"] == NET.to_dict()
+    assert snap.history.nets["plain"]["test_acc"].steps.tolist() == [2, 4, 6]  # once per epoch of 2 steps
+    assert snap.latest["plain"].test_acc == snap.history.nets["plain"]["test_acc"].values[-1].item()
+    grad = snap.history.probe("residual", "grad_block")
+    assert grad.steps.tolist() == [2, 4, 6] and grad.values.shape == (3, NET.num_blocks)
+    assert len(snap.param_names["residual"]) > 0 and snap.net_cfg == NET.to_dict()
     assert not job.nets["residual"].blocks[0]._forward_hooks  # instruments detached
-    assert snap["engine"] == ""  # CPU: nothing to say about CUDA graphs
+    assert snap.engine == ""  # CPU: nothing to say about CUDA graphs
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_gpu_jobs_say_how_their_steps_run():
     job = TrainingJob(NET, _data(), _cfg(epochs=3, device="cuda")).start()
     assert job.join(120) and job.status == "finished", job.error
-    assert job.snapshot()["engine"] == "CUDA graphs"
+    assert job.snapshot().engine == "CUDA graphs"
     job = TrainingJob(NET, _data(), _cfg(epochs=3, device="cuda", optimizer="adamw")).start()
-    assert job.join(120) and job.snapshot()["engine"].startswith("eager loop (") and "adamw" in job.snapshot()["engine"]
+    assert job.join(120) and job.snapshot().engine.startswith("eager loop (") and "adamw" in job.snapshot().engine
 
 
 def test_start_pause_resume_stop():
     job = _long_job()
-    assert job.status == "pending" and job.snapshot()["step"] == 0
+    assert job.status == "pending" and job.snapshot().step == 0
     job.start()
     job.start()  # a second start does nothing
     _wait(lambda: _step(job) >= 2)
@@ -97,7 +101,7 @@ def test_start_pause_resume_stop():
     assert job.status == "running"
     _wait(lambda: _step(job) > frozen + 1)
     snap = job.snapshot()
-    assert 0 < snap["progress"] < 1 and snap["eta_s"] > 0 and snap["images_per_s"] > 0
+    assert 0 < snap.progress < 1 and snap.eta_s > 0 and snap.images_per_s > 0
     job.stop(wait=True)
     job.stop(wait=True)  # idempotent
     assert job.status == "stopped" and not job.alive
@@ -140,14 +144,15 @@ def test_divergence_keeps_last_good_weights_and_clean_history():
     job = TrainingJob(NET, _data(), cfg, num_threads=1).start()
     assert job.join(60) and job.status == "diverged" and "diverged at step" in job.error
     snap = job.snapshot()
-    bad_step = snap["step"]
-    assert 1 < bad_step < snap["total_steps"]
-    for key, (steps, values) in snap["history"].items():
-        assert np.isfinite(values).all() and steps.max() < bad_step, key
-    assert snap["latest"]["residual/loss"] == snap["history"]["residual/loss"][1][-1].item()  # last good values
-    for key, (steps, values) in snap["probes"].items():
-        structural = key in ("plain/ratio", "plain/cosine")  # NaN by design: a plain block has no shortcut
-        assert steps.max() < bad_step and (structural or np.isfinite(values).all()), key
+    bad_step = snap.step
+    assert 1 < bad_step < snap.total_steps
+    for c in curves(snap.history):
+        assert np.isfinite(c.values).all() and c.steps.max() < bad_step, c.label
+    assert snap.latest["residual"].loss == snap.history.nets["residual"]["loss"].values[-1].item()  # last good values
+    for name, readings in snap.history.probes.items():
+        for key, p in readings.items():
+            structural = name == "plain" and key in ("ratio", "cosine")  # NaN by design: a plain block has no shortcut
+            assert p.steps.max() < bad_step and (structural or np.isfinite(p.values).all()), (name, key)
     # the same run stopped one step earlier (constant lr, same seed) has exactly the restored weights
     ref = fit(NET, _data(), TrainConfig(**{**cfg.to_dict(), "max_steps": bad_step - 1}))
     for name, net in job.nets.items():
@@ -213,12 +218,12 @@ def test_snapshot_is_safe_while_training():
     seen = 0
     while seen < 40:
         snap = job.snapshot()
-        for steps, values in snap["history"].values():
-            assert len(steps) == len(values)
-            values[:] = -1  # a copy: scribbling on it must not reach the job
+        for c in curves(snap.history):
+            assert len(c.steps) == len(c.values)
+            c.values[:] = -1  # a copy: scribbling on it must not reach the job
         seen += 1
     _wait(lambda: _step(job) >= 2)
-    assert (job.snapshot()["history"]["residual/loss"][1] > 0).all()
+    assert (job.snapshot().history.nets["residual"]["loss"].values > 0).all()
     job.stop(wait=True)
 
 
@@ -250,7 +255,31 @@ def test_worker_sets_its_thread_count(monkeypatch):
     monkeypatch.setattr(jobs_mod, "Trainer", Recorder)
     job = TrainingJob(NET, _data(), _cfg(), num_threads=1).start()
     assert job.join(10) and job.status == "finished" and seen == [1]
-    monkeypatch.setattr(jobs_mod.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
-    assert jobs_mod.default_threads() == 3
-    monkeypatch.setattr(jobs_mod.os, "sched_getaffinity", lambda pid: {0})
-    assert jobs_mod.default_threads() == 1
+    monkeypatch.setattr(runtime.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    assert runtime.default_threads() == 3
+    monkeypatch.setattr(runtime.os, "sched_getaffinity", lambda pid: {0})
+    assert runtime.default_threads() == 1
+
+
+def test_training_and_study_jobs_share_one_registry_and_its_cap():
+    """One registry for every kind: the cap counts training runs and studies together, and a session
+    has at most one active job of each kind."""
+    assert isinstance(_long_job(), Job) and isinstance(StudyJob("shattered"), Job)
+    reg = JobRegistry(cap=2)
+    train = reg.submit("s", _long_job())
+    study = reg.submit("s", StudyJob("shattered", overrides={"depths": (8, 110)}, num_threads=None))
+    assert study is not train and reg.active_count() == 2
+    assert reg.submit("s", _long_job()) is train  # the session's active training job, not a second one
+    assert reg.get("s", StudyJob) is study and reg.get("s", TrainingJob) is train
+    assert reg.jobs_for("s", TrainingJob) == [train] and reg.jobs_for("s") == [train, study]
+    with pytest.raises(JobLimitError, match="already going"):
+        reg.submit("t", _long_job())  # the study holds the other place
+    assert jobs_mod.live_workers() >= 1
+    reg.stop_session("s")
+    assert train.status is Status.STOPPED and study.status is Status.STOPPED and reg.active_count() == 0
+
+
+def test_status_is_str_valued():
+    assert Status.RUNNING == "running" and f"{Status.DIVERGED}" == "diverged" and Status("paused").active
+    assert {s.value for s in Status} == {"pending", "running", "paused", "stopped", "finished", "diverged", "failed"}
+    assert not Status.FINISHED.active and not hasattr(jobs_mod, "STATUSES") and not hasattr(jobs_mod, "default_registry")

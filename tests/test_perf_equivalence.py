@@ -17,7 +17,8 @@ from datafixtures import channel_problem
 from resviz import BlockConfig, NetConfig, TrainConfig, build_net
 from resviz.analysis.probes import BranchMagnitudes, SignalProp
 from resviz.analysis.probes.forward import channel_var_mean
-from resviz.runtime import keep_freed_memory
+from resviz.runtime import keep_freed_memory, tune
+from resviz.train.records import StepRecord
 from resviz.train.trainer import Trainer, build_nets, make_optimizer
 
 NET = NetConfig(depth=8, width=8, input_size=16, num_classes=3)
@@ -33,8 +34,8 @@ def _cfg(**kw: object) -> TrainConfig:
     return TrainConfig(**{"epochs": 2.0, "batch_size": 32, "lr": 0.05, "probe_every": 0, "device": "cpu", **kw})
 
 
-def _curve(records: list[dict]) -> list[tuple]:
-    return [(r["step"], *((name, *(m[k] for k in KEYS)) for name, m in sorted(r["nets"].items()))) for r in records]
+def _curve(records: list[StepRecord]) -> list[tuple]:
+    return [(r.step, *((name, *(getattr(m, k) for k in KEYS)) for name, m in sorted(r.nets.items()))) for r in records]
 
 
 def _params(nets: dict) -> dict[str, torch.Tensor]:
@@ -46,7 +47,7 @@ def test_instruments_leave_the_loss_curve_bitwise_unchanged() -> None:
     probed = Trainer(build_nets(NET), data, _cfg(probe_every=2))
     bare = Trainer(build_nets(NET), data, _cfg(), probes=False)
     with_probes, without = list(probed.steps()), list(bare.steps())
-    assert sum("probes" in r for r in with_probes) == 3 and not any("probes" in r for r in without)
+    assert sum(bool(r.probes) for r in with_probes) == 3 and not any(r.probes for r in without)
     assert _curve(with_probes) == _curve(without)  # exact equality, every step, every metric
     for name, p in _params(probed.nets).items():
         assert torch.equal(p, _params(bare.nets)[name])
@@ -65,7 +66,7 @@ def test_hooks_exist_only_during_the_probed_steps() -> None:
         for rec in Trainer(nets, _data(), _cfg(probe_every=3)).steps():
             for net in nets.values():  # between steps no instrument hook is left anywhere
                 assert all(not m._forward_hooks and not m._forward_pre_hooks for m in net.modules() if m is not net.blocks[0])
-            assert ("probes" in rec) == (rec["step"] % 3 == 0)
+            assert bool(rec.probes) == (rec.step % 3 == 0)
     finally:
         own.remove()
     assert [n > 0 for n in seen] == [(i + 1) % 3 == 0 for i in range(6)]
@@ -99,8 +100,8 @@ def test_channels_last_and_nchw_train_alike() -> None:
     cl = list(Trainer(build_nets(NET), data, _cfg(channels_last=True), probes=False).steps())
     nchw = list(Trainer(build_nets(NET), data, _cfg(channels_last=False), probes=False).steps())
     for a, b in zip(cl, nchw, strict=True):  # different conv kernels: equal up to float rounding
-        for name in a["nets"]:
-            assert a["nets"][name]["loss"] == pytest.approx(b["nets"][name]["loss"], rel=1e-4, abs=1e-5)
+        for name in a.nets:
+            assert a.nets[name].loss == pytest.approx(b.nets[name].loss, rel=1e-4, abs=1e-5)
 
 
 def test_lockstep_twin_equals_training_each_net_alone() -> None:
@@ -110,8 +111,8 @@ def test_lockstep_twin_equals_training_each_net_alone() -> None:
     alone = build_nets(NET)  # the same seeded initial weights
     solo = {name: list(Trainer({name: net}, data, _cfg(probe_every=2)).steps()) for name, net in alone.items()}
     for k, rec in enumerate(together):
-        for name, metrics in rec["nets"].items():
-            assert {key: metrics[key] for key in KEYS} == {key: solo[name][k]["nets"][name][key] for key in KEYS}
+        for name, metrics in rec.nets.items():
+            assert {key: getattr(metrics, key) for key in KEYS} == {key: getattr(solo[name][k].nets[name], key) for key in KEYS}
     for name, p in _params(twin.nets).items():
         assert torch.equal(p, _params(alone)[name])
 
@@ -166,6 +167,7 @@ def test_keep_freed_memory_applies_once_and_changes_no_result() -> None:
     data = _data()
     before = _curve(list(Trainer(build_nets(NET), data, _cfg(), probes=False).steps()))
     assert keep_freed_memory() is keep_freed_memory()  # idempotent; True with glibc
+    assert tune(keep_freed_memory=True).keep_freed_memory is keep_freed_memory()
     after = _curve(list(Trainer(build_nets(NET), data, _cfg(), probes=False).steps()))
     assert before == after
     assert all(math.isfinite(v) for rec in after for part in rec[1:] for v in part[1:])
@@ -178,7 +180,19 @@ def test_divergence_guard_restores_every_tensor_with_foreach_copy() -> None:
     nets = build_nets(NET)
     start = {name: {k: v.clone() for k, v in net.state_dict().items()} for name, net in nets.items()}
     recs = list(Trainer(nets, data, _cfg(), probes=False).steps())
-    assert [r["status"] for r in recs] == ["diverged"]
+    assert [r.status for r in recs] == ["diverged"]
     for name, net in nets.items():
         for k, v in net.state_dict().items():
             assert torch.equal(v, start[name][k]), (name, k)
+
+
+def test_the_trainer_changes_no_process_wide_setting() -> None:
+    """Threads, cuDNN's autotuner and the global RNG are the entry point's (resviz.runtime.tune), not the Trainer's."""
+    threads, bench = torch.get_num_threads(), torch.backends.cudnn.benchmark
+    rng = torch.random.get_rng_state()
+    list(Trainer(build_nets(NET), _data(), _cfg(augment=True), probes=False).steps())
+    assert torch.get_num_threads() == threads and torch.backends.cudnn.benchmark == bench
+    assert torch.equal(torch.random.get_rng_state(), rng)
+    applied = tune(threads=threads, cudnn_benchmark=bench)
+    assert applied.threads == threads and applied.cudnn_benchmark == bench and applied.keep_freed_memory is None
+    assert tune() == type(applied)()  # nothing asked, nothing applied

@@ -28,6 +28,7 @@ from resviz.analysis.inspection import Lesion, compare, inspect_image, removal_e
 from resviz.jobs import JobRegistry, TrainingJob, live_workers
 from resviz.storage.checkpoints import CheckpointError, load_checkpoint, load_checkpoint_bytes, save_checkpoint
 from resviz.storage.rundirs import MetricsLog, load_run, write_json
+from resviz.train.records import curves
 
 ROOT = Path(__file__).resolve().parents[1]
 # Mangled pickles make torch's weights-only unpickler warn about their protocol byte before it refuses them.
@@ -487,7 +488,7 @@ def test_the_job_runner_reproduces_a_run_from_its_seed() -> None:
         cfg = TrainConfig(epochs=3, batch_size=16, lr=0.05, seed=seed, probe_every=2, device="cpu", augment=True)
         job = TrainingJob(SMALL, _toy_data(), cfg, num_threads=1, history_points=8).start()
         assert job.join(60) and job.status == "finished"
-        return job.snapshot()["history"]
+        return {c.label: (c.steps, c.values) for c in curves(job.snapshot().history)}
 
     a, b, c = history(3), history(3), history(4)
     assert a.keys() == b.keys() and "plain/loss" in a

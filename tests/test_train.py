@@ -10,6 +10,7 @@ from datafixtures import channel_problem
 from torch.utils.data import TensorDataset
 
 from resviz import NetConfig, TrainConfig, build_net
+from resviz.train.records import NetMetrics, Status, StepRecord
 from resviz.train.trainer import Trainer, augment_batch, build_nets, evaluate, fit, lr_at, make_optimizer, resolve_device
 
 NET = NetConfig(depth=8, width=8, input_size=16, num_classes=3)
@@ -26,6 +27,8 @@ def _cfg(**kw) -> TrainConfig:
 
 
 def _finite(obj) -> bool:
+    if isinstance(obj, StepRecord):
+        return _finite(obj.to_json())
     if isinstance(obj, dict):
         return all(_finite(v) for v in obj.values())
     if isinstance(obj, float):
@@ -39,19 +42,22 @@ def test_records_have_the_documented_format():
     trainer = Trainer(build_nets(NET), data, cfg)
     recs = list(trainer.steps())
     assert trainer.total_steps == 6 == len(recs) and trainer.steps_per_epoch == 3
-    assert [r["step"] for r in recs] == list(range(1, 7)) and recs[-1]["epoch"] == 2.0
-    assert [r["status"] for r in recs] == ["running"] * 5 + ["finished"] and trainer.status == "finished"
+    assert all(isinstance(r, StepRecord) for r in recs)
+    assert [r.step for r in recs] == list(range(1, 7)) and recs[-1].epoch == 2.0
+    assert [r.status for r in recs] == ["running"] * 5 + ["finished"] and trainer.status == "finished"
+    assert recs[-1].status is Status.FINISHED
     for r in recs:
-        assert set(r["nets"]) == {"residual", "plain"} and _finite(r)
-        assert {"loss", "acc", "grad_norm", "param_norm"} <= set(r["nets"]["plain"])
-        assert r["images_per_s"] > 0 and r["time_s"] > 0 and r["lr"] > 0
-    assert [r["step"] for r in recs if "test_acc" in r["nets"]["residual"]] == [3, 6]
-    probed = [r for r in recs if "probes" in r]
-    assert [r["step"] for r in probed] == [2, 4, 6]
-    readings = probed[0]["probes"]["residual"]
+        assert set(r.nets) == {"residual", "plain"} and _finite(r)
+        assert isinstance(r.nets["plain"], NetMetrics)
+        assert {"loss", "acc", "grad_norm", "param_norm"} <= set(r.nets["plain"].as_dict())
+        assert r.images_per_s > 0 and r.time_s > 0 and r.lr > 0
+    assert [r.step for r in recs if r.nets["residual"].test_acc is not None] == [3, 6]
+    probed = [r for r in recs if r.probes]
+    assert [r.step for r in probed] == [2, 4, 6]
+    readings = probed[0].probes["residual"]
     assert readings["grad_block"].shape == (NET.num_blocks,) and readings["grad_block"].dtype == np.float32
     assert readings["grad_params"].shape == (len(trainer.param_names["residual"]),)
-    assert np.isnan(probed[0]["probes"]["plain"]["ratio"]).all()  # no shortcut in the plain twin
+    assert np.isnan(probed[0].probes["plain"]["ratio"]).all()  # no shortcut in the plain twin
 
 
 def test_twins_see_identical_batches_and_start_identical():
@@ -72,7 +78,7 @@ def test_same_seed_gives_identical_curves_and_other_seed_differs():
     def curve(seed: int) -> list[float]:
         cfg = _cfg(seed=seed, augment=True)
         net_cfg = NetConfig(depth=8, width=8, input_size=16, num_classes=3, block=NET.block.__class__(stochastic_depth=0.3))
-        return [r["nets"][k]["loss"] for r in fit(net_cfg, data, cfg).history for k in ("residual", "plain")]
+        return [r.nets[k].loss for r in fit(net_cfg, data, cfg).history for k in ("residual", "plain")]
 
     a, b, c = curve(1), curve(1), curve(2)
     assert a == b and a != c
@@ -81,7 +87,7 @@ def test_same_seed_gives_identical_curves_and_other_seed_differs():
 def test_training_learns_the_toy_problem():
     res = fit(NET, _data(192, 96), _cfg(epochs=6, lr=0.1, schedule="onecycle"), twin=False)
     assert res.status == "finished" and list(res.nets) == ["residual"]
-    assert res.final["nets"]["residual"]["test_acc"] > 0.8
+    assert res.final.nets["residual"].test_acc > 0.8
 
 
 def test_divergence_stops_within_the_step_and_restores_last_good_weights():
@@ -90,11 +96,11 @@ def test_divergence_stops_within_the_step_and_restores_last_good_weights():
     last_good, recs = None, []
     for rec in trainer.steps():
         recs.append(rec)
-        if rec["status"] == "running":
+        if rec.status == "running":
             last_good = {n: {k: v.clone() for k, v in net.state_dict().items()} for n, net in trainer.nets.items()}
     final = recs[-1]
-    assert trainer.status == final["status"] == "diverged" and final["step"] < trainer.total_steps
-    assert final["nets"] == {} and final["diverged"] and "lower learning rate" in final["message"]
+    assert trainer.status == final.status == "diverged" and final.step < trainer.total_steps
+    assert final.nets == {} and final.diverged and "lower learning rate" in final.message
     assert all(_finite(r) for r in recs)
     for name, net in trainer.nets.items():
         for k, v in net.state_dict().items():
@@ -166,7 +172,7 @@ def test_max_steps_and_small_datasets():
     t = Trainer(build_net(NET), _data(20, 8), _cfg(batch_size=64, max_steps=3, epochs=10))
     assert t.batch_size == 20 and t.steps_per_epoch == 1 and t.total_steps == 3
     recs = list(t.steps())
-    assert len(recs) == 3 and list(recs[0]["nets"]) == ["net"]
+    assert len(recs) == 3 and list(recs[0].nets) == ["net"]
 
 
 def test_closing_the_generator_marks_stopped_and_removes_hooks():
@@ -185,3 +191,61 @@ def test_cuda_bf16_training_runs_and_is_finite():
     res = fit(NET, _data(), _cfg(device="cuda", probe_every=2))
     assert res.status == "finished" and all(_finite(r) for r in res.history)
     assert next(res.nets["residual"].parameters()).device.type == "cuda"
+
+
+def test_training_leaves_the_global_rng_alone_and_stochastic_depth_is_seeded():
+    """Stochastic depth draws from the Trainer's own generator: the same masks for the same seed, whatever
+    the global RNG holds, and the global RNG is where it was."""
+    data = _data()
+    net_cfg = NetConfig(depth=8, width=8, input_size=16, num_classes=3, block=NET.block.__class__(stochastic_depth=0.5))
+    runs = []
+    for global_seed in (0, 123):
+        torch.manual_seed(global_seed)
+        before = torch.random.get_rng_state()
+        runs.append([r.nets["residual"].loss for r in fit(net_cfg, data, _cfg(seed=4)).history])
+        assert torch.equal(torch.random.get_rng_state(), before)
+    assert runs[0] == runs[1]
+    nets = build_nets(net_cfg, seed=4)
+    assert all(getattr(m, "drop_generator", None) is None for n in nets.values() for m in n.modules())
+
+
+def test_fit_result_final_is_the_last_evaluated_record():
+    res = fit(NET, _data(), _cfg(eval_every=4, epochs=2))  # steps 1..6, evaluated at 4 and 6
+    assert res.final is res.history[-1] and res.final.evaluated
+    short = fit(NET, _data(), _cfg(eval_every=4, epochs=2, max_steps=3))  # evaluated at its last step only
+    assert short.final.step == 3
+
+
+def test_curves_are_built_from_record_fields_and_keep_each_series_on_its_own_steps():
+    from resviz.train.records import curves, history_of, plot_table
+
+    def rec(step: int, **test) -> StepRecord:
+        m = NetMetrics(loss=1.0 / step, acc=0.5, grad_norm=1.0, param_norm=2.0, **test)
+        return StepRecord(step=step, total_steps=3, epoch=step / 3, lr=0.1, images_per_s=10.0, time_s=step,
+                          status=Status.RUNNING, nets={"residual": m})
+
+    recs = [rec(1, test_acc=0.4), rec(2), rec(3, test_loss=0.7, test_acc=0.6)]  # step 1: test loss not finite
+    found = {(c.net, c.metric): c for c in curves(history_of(recs))}
+    assert found["residual", "loss"].steps.tolist() == [1, 2, 3] and found["residual", "loss"].label == "residual/loss"
+    assert found["residual", "test_loss"].steps.tolist() == [3] and found["", "lr"].label == "lr"
+    table = plot_table(found.values(), {"residual": "with skips"})
+    assert set(table) == {"with skips"} and table["with skips"]["test_step"].tolist() == [1, 3]
+    assert table["with skips"]["test_loss_step"].tolist() == [3]
+    assert table["with skips"]["test_loss"].tolist() == pytest.approx([0.7])
+
+
+def test_training_modules_import_one_way():
+    """trainer -> loops (eager, cuda_graphs) -> state -> records; nothing below imports what is above it."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "resviz" / "train"
+    above = {"state": {"trainer", "loops", "cuda_graphs", "distributed"}, "loops": {"trainer", "cuda_graphs"},
+             "cuda_graphs": {"trainer"}, "records": {"trainer", "loops", "cuda_graphs", "state"}}
+    for name, forbidden in above.items():
+        tree = ast.parse((root / f"{name}.py").read_text())
+        imported = {n.module.rsplit(".", 1)[-1] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        assert not imported & forbidden, (name, imported & forbidden)
+        private = [a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and (n.module or "").startswith("resviz")
+                   for a in n.names if a.name.startswith("_")]
+        assert not private, (name, private)

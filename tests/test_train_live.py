@@ -8,25 +8,33 @@ import plotly.tools
 
 from app_pages import train_live
 from resviz import TrainConfig, plots
-from resviz.jobs import Series
+from resviz.train.records import History, JobSnapshot, Series, Status
 
 BLOCKS = 15  # ResNet-32
 
 
-def _snapshot(steps: int, seed: int = 0) -> dict:
+NETS = ("residual", "plain")
+
+
+def _snapshot(steps: int, seed: int = 0, *, probes: bool = True) -> JobSnapshot:
     """A twin run's snapshot after ``steps`` steps, with the job's own capped series."""
     rng = np.random.default_rng(seed)
-    hist = {f"{n}/{m}": Series(500) for n in ("residual", "plain") for m in ("loss", "acc", "test_loss", "test_acc")}
-    probes = {f"{n}/{k}": Series(500, (BLOCKS,)) for n in ("residual", "plain") for k in ("grad_block", "ratio")}
+    hist = {n: {m: Series(500) for m in ("loss", "acc", "test_loss", "test_acc")} for n in NETS}
+    readings = {n: {k: Series(500, (BLOCKS,)) for k in ("grad_block", "ratio")} for n in NETS} if probes else {}
     for step in range(1, steps + 1):
-        for key, s in hist.items():
-            if "test_" not in key or step % 300 == 0:
-                s.append(step, rng.lognormal())
+        for series in hist.values():
+            for key, s in series.items():
+                if "test_" not in key or step % 300 == 0:
+                    s.append(step, rng.lognormal())
         if step % 5 == 0:
-            for s in probes.values():
-                s.append(step, rng.lognormal(-2.0, 1.5, BLOCKS))
-    return {"id": "run", "step": steps, "names": ["residual", "plain"],
-            "history": {k: s.arrays() for k, s in hist.items()}, "probes": {k: s.arrays() for k, s in probes.items()}}
+            for series in readings.values():
+                for s in series.values():
+                    s.append(step, rng.lognormal(-2.0, 1.5, BLOCKS))
+    history = History(nets={n: {k: s.points() for k, s in ms.items()} for n, ms in hist.items()},
+                      probes={n: {k: s.points() for k, s in rs.items()} for n, rs in readings.items()})
+    return JobSnapshot(id="run", status=Status.RUNNING, error="", created=0.0, started=0.0, ended=None, step=steps,
+                       total_steps=steps, epoch=1.0, progress=1.0, eta_s=None, images_per_s=0.0, time_s=0.0, names=NETS,
+                       net_cfg={}, train_cfg={}, latest={}, history=history, param_names={})
 
 
 def _sent_kb(fig) -> float:
@@ -50,15 +58,15 @@ def test_a_long_run_costs_at_most_300_kb_per_refresh() -> None:
     assert set(figs) == {"curves", "flow_residual", "flow_plain", "ratio"}
     assert sum(_sent_kb(f) for f in figs.values()) <= 300
     assert all(len(t.x) <= train_live.LIVE_POINTS for t in figs["ratio"].data)
-    newest = snap["probes"]["residual/ratio"][0][-1]
+    newest = snap.history.probe("residual", "ratio").steps[-1]
     assert figs["ratio"].data[0].x[-1] == newest  # the newest reading is always drawn
 
 
 def test_probe_charts_are_rebuilt_when_a_new_reading_arrives_even_at_the_cap() -> None:
     a, b = _snapshot(3000), _snapshot(3005)
-    key = "residual/grad_block"
-    assert train_live.probe_version(a, key) != train_live.probe_version(b, key)
-    assert train_live.probe_version({"id": "x", "probes": {}}, key) == ("x", -1)
+    assert train_live.probe_version(a, "residual", "grad_block") != train_live.probe_version(b, "residual", "grad_block")
+    empty = _snapshot(3, probes=False)
+    assert train_live.probe_version(empty, "residual", "grad_block") == ("run", -1)
 
 
 def test_eval_every_gives_about_20_evaluations() -> None:

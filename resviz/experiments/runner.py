@@ -2,7 +2,8 @@
 
 :func:`run_study` is the one entry point of the CLI and the Experiments page: it builds the config
 from a budget and a seed, runs the study and returns its result as plain JSON data, exactly what
-``result.json`` holds. :class:`StudyJob` runs it in a daemon thread (it never touches streamlit) and
+``result.json`` holds. :class:`StudyJob` runs it in a daemon thread (it never touches streamlit); it is
+a :class:`resviz.jobs.Job`, submitted to the same registry as training runs, and
 :meth:`StudyJob.snapshot` is the thread-safe view the page polls.
 """
 
@@ -14,10 +15,14 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from resviz import runtime
 from resviz.experiments import get_study
 from resviz.experiments.common import ProgressFn
 from resviz.storage.rundirs import CONFIG, METRICS, RESULT, MetricsLog, to_jsonable, write_json
 from resviz.train import distributed
+from resviz.train.records import Status
+
+WORKER_PREFIX = "resviz-job-study-"  # counted by resviz.jobs.live_workers with the training workers
 
 
 class StudyCancelledError(Exception):
@@ -82,7 +87,8 @@ class StudyJob:
     Args:
         name, budget, seed, overrides: as for :func:`run_study`.
         out: run directory to save into (None: keep the result in memory only).
-        num_threads: torch intra-op threads for the worker (1 keeps a 2-core server responsive).
+        num_threads: torch intra-op threads, set by the worker through :func:`resviz.runtime.tune` (1 keeps a
+            2-core server responsive; None leaves torch's setting).
     """
 
     def __init__(self, name: str, budget: str = "small", seed: int = 0, *, out: str | Path | None = None,
@@ -91,34 +97,44 @@ class StudyJob:
         self.id, self.name, self.budget, self.seed = uuid.uuid4().hex[:12], name, budget, seed
         self.out, self.overrides, self.num_threads = out, dict(overrides or {}), num_threads
         self._lock, self._cancel = threading.Lock(), threading.Event()
-        self._state: dict[str, Any] = {"status": "pending", "progress": 0.0, "message": "", "error": "", "result": None,
+        self._state: dict[str, Any] = {"status": Status.PENDING, "progress": 0.0, "message": "", "error": "", "result": None,
                                        "started": None, "ended": None}
         self._thread: threading.Thread | None = None
 
     def start(self) -> StudyJob:
         with self._lock:
-            if self._thread is None and self._state["status"] == "pending":
-                self._state.update(status="running", started=time.time())
-                self._thread = threading.Thread(target=self._run, name=f"resviz-study-{self.id}", daemon=True)
+            if self._thread is None and self._state["status"] == Status.PENDING:
+                self._state.update(status=Status.RUNNING, started=time.time())
+                self._thread = threading.Thread(target=self._run, name=f"{WORKER_PREFIX}{self.id}", daemon=True)
                 self._thread.start()
         return self
 
     def stop(self) -> None:
-        """Ask the study to stop at its next progress report."""
-        self._cancel.set()
+        """Ask the study to stop at its next progress report (a study never started stops at once)."""
+        with self._lock:
+            self._cancel.set()
+            if self._thread is None and self._state["status"] == Status.PENDING:
+                self._state.update(status=Status.STOPPED, ended=time.time())
 
     def join(self, timeout: float | None = None) -> bool:
+        """Wait for the worker; True when it has ended (or never started)."""
         t = self._thread
-        if t is not None:
+        if t is not None and t is not threading.current_thread():
             t.join(timeout)
         return t is None or not t.is_alive()
 
     @property
+    def status(self) -> Status:
+        with self._lock:
+            return self._state["status"]
+
+    @property
     def active(self) -> bool:
-        return self.snapshot()["status"] in ("pending", "running")
+        return self.status.active
 
     def snapshot(self) -> dict[str, Any]:
-        """``status`` (pending/running/finished/stopped/failed), ``progress`` 0..1, ``message``, ``error``, ``result``."""
+        """``status`` (a :class:`Status`: pending, running, finished, stopped or failed), ``progress`` 0..1,
+        ``message``, ``error``, ``result`` (plain JSON data, as :func:`run_study` returns)."""
         with self._lock:
             return dict(self._state, id=self.id, name=self.name, budget=self.budget, seed=self.seed)
 
@@ -131,17 +147,15 @@ class StudyJob:
     def _run(self) -> None:
         try:
             if self.num_threads:
-                import torch
-
-                torch.set_num_threads(self.num_threads)
+                runtime.tune(threads=self.num_threads)  # this worker's explicit setting (see num_threads)
             result = run_study(self.name, self.budget, self.seed, out=self.out, progress=self._progress,
                                overrides=self.overrides)
-            self._end("finished", result=result, progress=1.0)
+            self._end(Status.FINISHED, result=result, progress=1.0)
         except StudyCancelledError:
-            self._end("stopped")
+            self._end(Status.STOPPED)
         except BaseException as e:  # the worker must never die silently: the page shows the reason
-            self._end("failed", error=f"{type(e).__name__}: {str(e)[:500]}")
+            self._end(Status.FAILED, error=f"{type(e).__name__}: {str(e)[:500]}")
 
-    def _end(self, status: str, **values: Any) -> None:
+    def _end(self, status: Status, **values: Any) -> None:
         with self._lock:
             self._state.update(status=status, ended=time.time(), **values)

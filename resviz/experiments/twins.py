@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +19,7 @@ from torch import nn
 from resviz.config import NetConfig
 from resviz.data.datasets import DatasetBundle
 from resviz.experiments.common import Progress, Schedule
+from resviz.train.records import HistoryRecorder, StepRecord, curves
 from resviz.train.trainer import Trainer, build_nets
 
 
@@ -61,19 +63,26 @@ def train_twins(net_cfg: NetConfig, data: DatasetBundle, sched: Schedule, *, see
         progress(1.0, f"ResNet-{net_cfg.depth} twins already trained")
         return _rebuild(net_cfg, *hit)
     trainer = Trainer(build_nets(net_cfg, seed=seed), data, sched.train_config(seed, device), probes=False)
-    curves: dict[str, list[float]] = {"residual": [], "plain": []}
-    for rec in trainer.steps():
-        for name, m in rec.get("nets", {}).items():
-            curves[name].append(float(m["loss"]))
-        progress(rec["step"] / trainer.total_steps, f"ResNet-{net_cfg.depth} vs plain-{net_cfg.depth}: step {rec['step']}")
+    losses = _loss_curves(trainer, lambda rec: progress(
+        rec.step / trainer.total_steps, f"ResNet-{net_cfg.depth} vs plain-{net_cfg.depth}: step {rec.step}"))
+    loss_curves = {"residual": losses.get("residual", []), "plain": losses.get("plain", [])}
     nets = {k: n.cpu().eval() for k, n in trainer.nets.items()}
     states = {k: {n: t.detach().clone() for n, t in net.state_dict().items()} for k, net in nets.items()}
     source = f"trained ({trainer.step} steps)"
     with _CACHE_LOCK:
-        _CACHE[key] = (states, curves, trainer.status, trainer.message, source)
+        _CACHE[key] = (states, loss_curves, str(trainer.status), trainer.message, source)
         while len(_CACHE) > _CACHE_SIZE:
             _CACHE.popitem(last=False)
-    return Twins(nets=nets, curves=curves, status=trainer.status, message=trainer.message, source=source)
+    return Twins(nets=nets, curves=loss_curves, status=str(trainer.status), message=trainer.message, source=source)
+
+
+def _loss_curves(trainer: Trainer, report: Callable[[StepRecord], None]) -> dict[str, list[float]]:
+    """Train to the end, calling ``report`` after each step; each net's training loss, one point per step."""
+    history = HistoryRecorder(cap=None)
+    for rec in trainer.steps():
+        history.add(rec)
+        report(rec)
+    return {c.net: c.values.astype(float).tolist() for c in curves(history.history()) if c.metric == "loss"}
 
 
 def train_one(net: nn.Module, data: DatasetBundle, sched: Schedule, *, seed: int, device: str = "cpu",
@@ -81,13 +90,9 @@ def train_one(net: nn.Module, data: DatasetBundle, sched: Schedule, *, seed: int
     """Train one net in place (no twin, no cache); returns its loss per step, the status and any message."""
     progress = progress or Progress()
     trainer = Trainer({label: net}, data, sched.train_config(seed, device), probes=False)
-    curve: list[float] = []
-    for rec in trainer.steps():
-        if label in rec.get("nets", {}):
-            curve.append(float(rec["nets"][label]["loss"]))
-        progress(rec["step"] / trainer.total_steps, f"{label}: step {rec['step']}")
+    losses = _loss_curves(trainer, lambda rec: progress(rec.step / trainer.total_steps, f"{label}: step {rec.step}"))
     net.cpu().eval()
-    return curve, trainer.status, trainer.message
+    return losses.get(label, []), str(trainer.status), trainer.message
 
 
 def _rebuild(net_cfg: NetConfig, states: dict, curves: dict, status: str, message: str, source: str) -> Twins:

@@ -98,11 +98,14 @@ class Add(nn.Module):
         return f + s
 
 
-def _drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
-    """Stochastic depth (Huang et al. 2016): drop the whole branch per sample, rescale survivors."""
+def _drop_path(x: torch.Tensor, p: float, training: bool, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Stochastic depth (Huang et al. 2016): drop the whole branch per sample, rescale survivors.
+
+    The masks come from ``generator`` (on ``x``'s device; None: torch's global generator).
+    """
     if p == 0.0 or not training:
         return x
-    keep = torch.rand(x.shape[0], 1, 1, 1, device=x.device, dtype=x.dtype) >= p
+    keep = torch.rand(x.shape[0], 1, 1, 1, device=x.device, dtype=x.dtype, generator=generator) >= p
     return x * keep / (1.0 - p)
 
 
@@ -127,6 +130,7 @@ class ResidualBlock(nn.Module):
         self.skip = skip  # flip at any time: False makes this a plain block
         self.removed = False  # inference lesion: drop F entirely, y = post(S(x))
         self.drop_prob = drop_prob
+        self.drop_generator: torch.Generator | None = None  # where stochastic depth draws (the Trainer sets one)
         self.branch = self._make_branch(cin, planes, stride)
         self.shortcut = self._make_shortcut(cin, self.cout, stride)
         self.merge = Add()
@@ -195,7 +199,7 @@ class ResidualBlock(nn.Module):
         s = self.shortcut(x) if (self.skip or self.removed) else None  # (B, Cout, H/s, W/s)
         f = None
         if not self.removed:
-            f = _drop_path(self.branch(x), self.drop_prob, self.training)  # (B, Cout, H/s, W/s)
+            f = _drop_path(self.branch(x), self.drop_prob, self.training, self.drop_generator)  # (B, Cout, H/s, W/s)
         return self.post(self.merge(f, s))
 
     def extra_repr(self) -> str:

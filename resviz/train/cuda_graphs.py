@@ -3,7 +3,7 @@
 A small net's training step on a GPU is a few hundred short kernels, and launching them from Python
 costs more than running them: ResNet-20 at 32x32, batch 512, bf16 trains about twice as fast when its
 step is replayed from a CUDA graph as when it is launched op by op (``bench/bench.py --sections gpu``).
-:class:`GraphLoop` is the :class:`~resviz.train.trainer.Trainer`'s loop for that case:
+:class:`GraphLoop` is the :class:`~resviz.train.loops.Loop` for that case (the Trainer picks it):
 
 * The batch, the labels and the learning rate live in static device buffers; each step copies the
   next batch into them (indices and augmentation as in the eager loop) and replays one graph per net.
@@ -23,6 +23,8 @@ step is replayed from a CUDA graph as when it is launched op by op (``bench/benc
 The first ``WARMUP`` steps run eagerly on a side stream (they create cuDNN/cuBLAS handles and the
 momentum buffers, as a capture requires), then the graphs are captured. What cannot be captured falls
 back to the eager loop with a note in ``trainer.graph_note`` (AdamW, too few steps, a failed capture).
+Generators drawn from inside the step (stochastic depth, ``StepContext.generators``) are registered
+with each graph, so every replay draws new masks.
 
 ``capture=False`` ("static" mode) runs the very same step function eagerly, on any device: the CPU
 tests use it to check the loop's bookkeeping, :func:`sgd_step` and the deferred divergence guard
@@ -40,24 +42,26 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F  # noqa: N812
+import torch.nn.functional as F
 
-from resviz.train.trainer import Trainer, _autocast, _Run, lr_at
+from resviz.train.loops import EagerLoop, Parallel
+from resviz.train.records import Status, StepRecord
+from resviz.train.state import NetState, StepContext, autocast
 
 WARMUP = 3  # eager steps before capture (PyTorch's guidance for whole-network capture)
 MAX_INTERVAL = 10  # steps between host syncs when the instruments are off or record less often
 
 
-def unsupported_reason(trainer: Trainer) -> str:
-    """Why ``trainer`` cannot use the graph loop ("" when it can)."""
-    if not trainer.supports_graphs:
-        return f"{type(trainer).__name__} runs the eager loop"
-    if trainer.cfg.optimizer != "sgd":
-        return f"the graph loop captures SGD only; {trainer.cfg.optimizer} runs the eager loop"
-    if trainer.graphs == "auto":
-        if trainer.device.type != "cuda":
+def unsupported_reason(ctx: StepContext, graphs: str, parallel: Parallel | None = None) -> str:
+    """Why the graph loop cannot train ``ctx`` in mode ``graphs`` ("auto" or "static"; "" when it can)."""
+    if parallel is not None and not parallel.supports_graphs:
+        return f"{type(parallel).__name__} runs the eager loop"
+    if ctx.cfg.optimizer != "sgd":
+        return f"the graph loop captures SGD only; {ctx.cfg.optimizer} runs the eager loop"
+    if graphs == "auto":
+        if ctx.device.type != "cuda":
             return "CUDA graphs need a CUDA device"
-        if trainer.total_steps <= WARMUP + 2:
+        if ctx.total_steps <= WARMUP + 2:
             return "too few steps to be worth a capture"
     return ""
 
@@ -98,34 +102,37 @@ class _NetStep:
     weight norm; readings the flat instrument readings (``None`` for the bare step).
     """
 
-    def __init__(self, trainer: Trainer, run: _Run, probe: Any, statics: tuple[torch.Tensor, ...], capture: bool) -> None:
-        self.trainer, self.run_, self.probe, self.capture = trainer, run, probe, capture
+    def __init__(self, ctx: StepContext, state: NetState, probe: Any, statics: tuple[torch.Tensor, ...],
+                 capture: bool) -> None:
+        self.ctx, self.state, self.probe, self.capture = ctx, state, probe, capture
         self.xs, self.ys, self.lr = statics
         self.layout: list[tuple[str, tuple[int, ...]]] = []
         self.graph: torch.cuda.CUDAGraph | None = None
         self.out: tuple[torch.Tensor, torch.Tensor | None] | None = None
         if capture:
-            run.opt.zero_grad(set_to_none=True)  # the capture allocates the static gradients
+            state.opt.zero_grad(set_to_none=True)  # the capture allocates the static gradients
             self.graph = torch.cuda.CUDAGraph()
+            for gen in ctx.generators:  # each replay advances them, as an eager step would
+                self.graph.register_generator_state(gen)
             with torch.cuda.graph(self.graph):
                 self.out = self._body()
 
     def _body(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        t, run = self.trainer, self.run_
+        ctx, st = self.ctx, self.state
         if not self.capture:
-            run.opt.zero_grad(set_to_none=True)
+            st.opt.zero_grad(set_to_none=True)
         readings = None
         with self.probe if self.probe is not None else contextlib.nullcontext():
-            with _autocast(t.device, cache=not self.capture):
-                logits = run.net(self.xs)  # (B, num_classes)
-            loss = F.cross_entropy(logits.float(), self.ys, label_smoothing=t.cfg.label_smoothing)
+            with autocast(ctx.device, cache=not self.capture):
+                logits = st.module(self.xs)  # (B, num_classes)
+            loss = F.cross_entropy(logits.float(), self.ys, label_smoothing=ctx.cfg.label_smoothing)
             loss.backward()
             if self.probe is not None:
                 self.probe.record()
                 taken = self.probe.take()  # {key: (1, B) or (1, P)}, on the device
                 self.layout = [(k, tuple(v.shape)) for k, v in taken.items()]
                 readings = torch.cat([v.reshape(-1).float() for v in taken.values()])
-        metrics = run.update_and_measure(loss, logits, self.ys, lambda: sgd_step(run.opt, self.lr))
+        metrics = st.update_and_measure(loss, logits, self.ys, lambda: sgd_step(st.opt, self.lr))
         return torch.stack(metrics), readings
 
     def run(self) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -147,118 +154,122 @@ class _NetStep:
 
 
 class GraphLoop:
-    """The Trainer's loop with captured steps and one host sync per logging interval (module docstring)."""
+    """The loop with captured steps and one host sync per logging interval (module docstring).
 
-    def __init__(self, trainer: Trainer, runs: dict[str, _Run], *, capture: bool) -> None:
-        self.t, self.runs, self.capture = trainer, runs, capture
-        every = trainer.cfg.probe_every if trainer._probes else 0
-        self.interval = min(every, MAX_INTERVAL) if every else MAX_INTERVAL
+    ``capture=False`` is "static" mode: the same step function, run eagerly, on any device.
+    """
+
+    def __init__(self, *, capture: bool) -> None:
+        self.capture, self.mode, self.note = capture, "off", ""
+        self.eager = EagerLoop()  # the warm-up steps, and the fallback when a capture fails
 
     # -- setup ------------------------------------------------------------------------------------
-    def _warmup(self, batches: Iterator[torch.Tensor]) -> list[dict[str, Any]]:
+    def _warmup(self, ctx: StepContext, batches: Iterator[torch.Tensor]) -> list[StepRecord]:
         """The first steps, eager, on a side stream (their records are returned, not yielded, so the
         consumer never runs inside the stream context)."""
-        t = self.t
-        stream = torch.cuda.Stream(t.device) if self.capture else None
+        stream = torch.cuda.Stream(ctx.device) if self.capture else None
         if stream is not None:
-            stream.wait_stream(torch.cuda.current_stream(t.device))
+            stream.wait_stream(torch.cuda.current_stream(ctx.device))
         with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
-            recs = list(itertools.islice(t._eager_steps(self.runs, batches), WARMUP))  # takes no batch beyond
+            recs = list(itertools.islice(self.eager.steps(ctx, batches), WARMUP))  # takes no batch beyond
         if stream is not None:
-            torch.cuda.current_stream(t.device).wait_stream(stream)
+            torch.cuda.current_stream(ctx.device).wait_stream(stream)
         return recs
 
-    def _build(self) -> None:
-        t = self.t
-        x, y = t._x, t._y
-        fmt = torch.channels_last if t.cfg.channels_last and x.dim() == 4 else torch.contiguous_format
+    def _build(self, ctx: StepContext) -> None:
+        x, y = ctx.x, ctx.y
+        fmt = torch.channels_last if ctx.cfg.channels_last and x.dim() == 4 else torch.contiguous_format
         # Shapes of a batch (augmentation keeps them); contents do not matter to a capture, which runs nothing.
-        self.xs = torch.zeros((t.batch_size, *x.shape[1:]), dtype=x.dtype, device=t.device).contiguous(memory_format=fmt)
-        self.ys = torch.zeros(t.batch_size, dtype=y.dtype, device=t.device)
-        self.lr = torch.zeros((), device=t.device)
+        self.xs = torch.zeros((ctx.batch_size, *x.shape[1:]), dtype=x.dtype, device=ctx.device).contiguous(memory_format=fmt)
+        self.ys = torch.zeros(ctx.batch_size, dtype=y.dtype, device=ctx.device)
+        self.lr = torch.zeros((), device=ctx.device)
         statics = (self.xs, self.ys, self.lr)
-        self.steps_: dict[str, dict[bool, _NetStep]] = {}
-        for name, run in self.runs.items():
-            probe = t._probes.get(name)
+        self.net_steps: dict[str, dict[bool, _NetStep]] = {}
+        for name, st in ctx.states.items():
+            probe = ctx.probes.get(name)
             if probe is not None:
-                probe.grad.to(t.device)
-            variants = {False: _NetStep(t, run, None, statics, self.capture)}
+                probe.grad.to(ctx.device)
+            variants = {False: _NetStep(ctx, st, None, statics, self.capture)}
             if probe is not None:
-                variants[True] = _NetStep(t, run, probe, statics, self.capture)
-            self.steps_[name] = variants
-        self.hist = torch.zeros(self.interval, 4 * len(self.runs), device=t.device)
+                variants[True] = _NetStep(ctx, st, probe, statics, self.capture)
+            self.net_steps[name] = variants
+        every = ctx.cfg.probe_every if ctx.probes else 0
+        self.interval = min(every, MAX_INTERVAL) if every else MAX_INTERVAL
+        self.hist = torch.zeros(self.interval, 4 * len(ctx.states), device=ctx.device)
         self.pbuf: dict[str, torch.Tensor] = {}  # each net's readings of the last probed step
 
     # -- the loop ---------------------------------------------------------------------------------
-    def steps(self, batches: Iterator[torch.Tensor]) -> Iterator[dict[str, Any]]:
-        t = self.t
-        for rec in self._warmup(batches):  # in static mode too, so both modes keep the same books
+    def steps(self, ctx: StepContext, batches: Iterator[torch.Tensor]) -> Iterator[StepRecord]:
+        for rec in self._warmup(ctx, batches):  # in static mode too, so both modes keep the same books
             yield rec
-            if rec["status"] != "running":
+            if rec.status != Status.RUNNING:
                 return
         first = next(batches, None)
         if first is None:
             return
         try:
-            self._build()
+            self._build(ctx)
         except (RuntimeError, ValueError) as exc:  # capture refused: say why, train on eagerly
             if not self.capture:
                 raise
-            t.graph_note = f"CUDA graph capture failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); eager loop"
-            for run in self.runs.values():
-                run.opt.zero_grad(set_to_none=True)
-            torch.cuda.synchronize(t.device)
-            yield from t._eager_steps(self.runs, _chain(first, batches))
+            self.note = f"CUDA graph capture failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); eager loop"
+            for st in ctx.states.values():
+                st.opt.zero_grad(set_to_none=True)
+            torch.cuda.synchronize(ctx.device)
+            yield from self.eager.steps(ctx, _chain(first, batches))
             return
-        t.graph_mode = "cuda" if self.capture else "static"
-        yield from self._run(first, batches)
+        self.mode = "cuda" if self.capture else "static"
+        yield from self._run(ctx, first, batches)
 
-    def _run(self, first: torch.Tensor, batches: Iterator[torch.Tensor]) -> Iterator[dict[str, Any]]:
+    def _run(self, ctx: StepContext, first: torch.Tensor, batches: Iterator[torch.Tensor]) -> Iterator[StepRecord]:
         """Enqueue steps; at the end of an interval start its host copy, and turn it into records only
         after the next step is queued, so the GPU keeps working while the host reads and reports."""
-        t = self.t
         # Two alternating backups: while interval k is checked, interval k+1 has already saved its start.
-        backups = [{name: run.backup for name, run in self.runs.items()},
-                   {name: [b.clone() for b in run.backup] for name, run in self.runs.items()}]
+        backups = [{name: st.backup for name, st in ctx.states.items()},
+                   {name: [b.clone() for b in st.backup] for name, st in ctx.states.items()}]
         pending: list[tuple[int, float, int]] = []  # (step, lr, batch size) of this interval
         inflight: _Interval | None = None  # the last interval, copied to the host but not yet reported
         slot, start, t0 = 0, 0, 0.0
         for idx in _chain(first, batches):
             if not pending:
                 slot = 1 - slot
-                for name, run in self.runs.items():
-                    run.save(backups[slot][name])  # the state at this interval's start
-                start, t0 = t.step + 1, time.perf_counter()
-            lr = lr_at(t.step, t.total_steps, t.cfg)
-            probed = t._probe_due()
-            xb, yb = t._batch(idx)
-            self.xs.copy_(xb, non_blocking=True)
-            self.ys.copy_(yb, non_blocking=True)
-            self.lr.fill_(lr)
-            row = self.hist[len(pending)]
-            for k, (name, variants) in enumerate(self.steps_.items()):
-                metrics, readings = variants[probed].run()
-                row[4 * k : 4 * k + 4].copy_(metrics)
-                if probed and readings is not None:
-                    if name not in self.pbuf:
-                        self.pbuf[name] = torch.empty_like(readings)
-                    self.pbuf[name].copy_(readings)
-            t.step += 1
-            pending.append((t.step, lr, len(yb)))
+                for name, st in ctx.states.items():
+                    st.save(backups[slot][name])  # the state at this interval's start
+                start, t0 = ctx.step + 1, time.perf_counter()
+            lr = ctx.lr()
+            probed = ctx.probe_due()
+            self._enqueue(ctx, idx, lr, probed, len(pending))
+            ctx.step += 1
+            pending.append((ctx.step, lr, ctx.batch_size))
             if inflight is not None:  # this step is queued: report the last interval meanwhile
-                yield from self._report(inflight, backups)
+                yield from self._report(ctx, inflight, backups)
                 inflight = None
-                if t.status != "running":
+                if ctx.book.status != Status.RUNNING:
                     return
-            final = t._eval_due(t.step)  # an evaluation point, the last step included
-            if t.step % self.interval == 0 or probed or final:
+            final = ctx.book.eval_due(ctx.step)  # an evaluation point, the last step included
+            if ctx.step % self.interval == 0 or probed or final:
                 inflight = self._copy(pending, probed, start, t0, slot)
                 pending = []
                 if final:  # evaluation needs this very state
-                    yield from self._report(inflight, backups)
+                    yield from self._report(ctx, inflight, backups)
                     inflight = None
-                    if t.status != "running":
+                    if ctx.book.status != Status.RUNNING:
                         return
+
+    def _enqueue(self, ctx: StepContext, idx: torch.Tensor, lr: float, probed: bool, row: int) -> None:
+        """Copy the batch and lr into the static buffers and run (replay) every net's step."""
+        xb, yb = ctx.batch(idx)
+        self.xs.copy_(xb, non_blocking=True)
+        self.ys.copy_(yb, non_blocking=True)
+        self.lr.fill_(lr)
+        hist = self.hist[row]
+        for k, (name, variants) in enumerate(self.net_steps.items()):
+            metrics, readings = variants[probed].run()
+            hist[4 * k : 4 * k + 4].copy_(metrics)
+            if probed and readings is not None:
+                if name not in self.pbuf:
+                    self.pbuf[name] = torch.empty_like(readings)
+                self.pbuf[name].copy_(readings)
 
     def _copy(self, pending: list[tuple[int, float, int]], probed: bool, start: int, t0: float, slot: int) -> _Interval:
         """Start the interval's one device-to-host copy (metrics of every step, readings of a probed last step)."""
@@ -275,9 +286,9 @@ class GraphLoop:
             host = flat.cpu()
         return _Interval(list(pending), names, host, event, start, t0, slot)
 
-    def _report(self, iv: _Interval, backups: list[dict[str, list[torch.Tensor]]]) -> Iterator[dict[str, Any]]:
+    def _report(self, ctx: StepContext, iv: _Interval, backups: list[dict[str, list[torch.Tensor]]]) -> Iterator[StepRecord]:
         """Wait for an interval's copy (the one host sync of the interval) and yield its records."""
-        t, n, width = self.t, len(iv.pending), 4 * len(self.runs)
+        n, width = len(iv.pending), 4 * len(ctx.states)
         if iv.event is not None:
             iv.event.synchronize()
         host = iv.host.numpy()
@@ -286,14 +297,14 @@ class GraphLoop:
         readings: dict[str, dict[str, np.ndarray]] = {}
         for name in iv.names:
             size = self.pbuf[name].numel()
-            readings[name] = self.steps_[name][True].unpack(host[off : off + size])
+            readings[name] = self.net_steps[name][True].unpack(host[off : off + size])
             off += size
-        for name, run in self.runs.items():
-            run.backup = backups[iv.slot][name]  # what the divergence guard restores: this interval's start
+        for name, st in ctx.states.items():
+            st.backup = backups[iv.slot][name]  # what the divergence guard restores: this interval's start
         for j, (step, lr, batch) in enumerate(iv.pending):
-            rec = t._record(self.runs, step, lr, vals[j].tolist(), batch, dt, lambda: readings, restored_from=iv.start)
+            rec = ctx.record(step, lr, vals[j].tolist(), batch, dt, lambda: readings, restored_from=iv.start)
             yield rec
-            if rec["status"] != "running":
+            if rec.status != Status.RUNNING:
                 return
 
 

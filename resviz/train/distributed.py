@@ -2,16 +2,17 @@
 
 Training runs unchanged under ``torchrun --nproc_per_node=N python -m resviz train ...``:
 :func:`init_distributed` reads ``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` and joins the process group
-(gloo on CPU, NCCL on GPU); :class:`DistributedTrainer` gives each rank its slice of the same seeded
-global batch and wraps every net in ``DistributedDataParallel``, so the gradients (averaged over ranks
+(gloo on CPU, NCCL on GPU); :class:`DataParallel`, the wrapper the eager loop accepts, gives each rank
+its slice of the same seeded global batch and wraps every net in ``DistributedDataParallel``
+(:class:`DistributedTrainer` is a Trainer built with it), so the gradients (averaged over ranks
 of equal slices) are those of the whole global batch and the run matches a single-process run of the
 same global batch up to floating-point summation order. Only rank 0 writes files or prints.
 
 BatchNorm: each rank normalises over its own slice, so with ``norm="batch"`` the result differs from a
 single-process run. On GPU the nets are converted to ``SyncBatchNorm`` (statistics over the global
 batch); PyTorch's SyncBatchNorm does not run on CPU tensors, so on CPU use ``norm="group"`` or
-``"none"`` when the runs must agree exactly. Stochastic depth draws its masks per rank, which also
-breaks exact agreement.
+``"none"`` when the runs must agree exactly. Stochastic depth draws the same masks on every rank for
+different slices of the batch, which also breaks exact agreement.
 
 :func:`sweep` spreads independent configurations over ranks (rank r takes items r, r+N, ...) and
 gathers the results, in the original order, on every rank.
@@ -29,6 +30,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from resviz.train.state import NetState
 from resviz.train.trainer import Trainer
 
 T = TypeVar("T")
@@ -121,50 +123,60 @@ def _has_unused_params(net: nn.Module) -> bool:
     return any(b.removed or (not b.skip and any(True for _ in b.shortcut.parameters())) for b in blocks)
 
 
-class DistributedTrainer(Trainer):
-    """A :class:`~resviz.train.trainer.Trainer` whose nets train with DistributedDataParallel.
+class DataParallel:
+    """DistributedDataParallel as the eager loop (:class:`resviz.train.loops.EagerLoop`) sees it.
 
     Every rank draws the same global batch (same seed, same augmentation) and trains on its slice;
     DDP averages the gradients, and the logged loss and accuracy are averaged over ranks, so each
-    record describes the global batch. Evaluation runs the whole test split on every rank.
+    record describes the global batch.
+    """
+
+    supports_graphs = False  # DDP's gradient all-reduce is not captured; the eager loop runs
+
+    def __init__(self, info: DistInfo, device: torch.device) -> None:
+        self.rank, self.world_size, self.device = info.rank, info.world_size, device
+
+    def wrap(self, state: NetState) -> None:
+        ids = [self.device.index if self.device.index is not None else torch.cuda.current_device()] \
+            if self.device.type == "cuda" else None
+        state.module = DistributedDataParallel(state.net, device_ids=ids,
+                                               find_unused_parameters=_has_unused_params(state.net))
+
+    def shard(self, xb: torch.Tensor, yb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return shard(xb, self.rank, self.world_size), shard(yb, self.rank, self.world_size)
+
+    def reduce(self, metrics: list[torch.Tensor]) -> list[torch.Tensor]:
+        loss, correct, gnorm, pnorm = metrics
+        both = torch.stack([loss, correct])
+        dist.all_reduce(both)  # gloo has no AVG: sum, then divide
+        both = both / self.world_size
+        return [both[0], both[1], gnorm, pnorm]  # gradient and weight norms already agree across ranks
+
+
+class DistributedTrainer(Trainer):
+    """A :class:`~resviz.train.trainer.Trainer` whose eager loop runs with :class:`DataParallel`.
+
+    Evaluation runs the whole test split on every rank.
 
     Args:
         sync_bn: convert BatchNorm to SyncBatchNorm (default: on GPU only; it cannot run on CPU).
         Others as for :class:`~resviz.train.trainer.Trainer`.
     """
 
-    supports_graphs = False  # DDP's gradient all-reduce is not captured; the eager loop runs
+    supports_graphs = DataParallel.supports_graphs
 
     def __init__(self, nets: dict[str, nn.Module] | nn.Module, data: Any, cfg: Any, *, probes: bool = False,
                  sync_bn: bool | None = None) -> None:
-        super().__init__(nets, data, cfg, probes=probes)
         info = current()
         if not info.enabled:
             raise RuntimeError("DistributedTrainer needs an initialised process group; call init_distributed() first")
+        super().__init__(nets, data, cfg, probes=probes)
         self.rank, self.world_size = info.rank, info.world_size
         if self.batch_size % self.world_size:
             raise ValueError(f"batch_size {self.batch_size} must be a multiple of the {self.world_size} processes")
         if sync_bn if sync_bn is not None else self.device.type == "cuda":
             self.nets = {k: nn.SyncBatchNorm.convert_sync_batchnorm(n) for k, n in self.nets.items()}
-
-    def _prepare(self) -> dict:
-        runs = super()._prepare()  # moves the nets to the device and builds one optimizer per net
-        ids = [self.device.index if self.device.index is not None else torch.cuda.current_device()] \
-            if self.device.type == "cuda" else None
-        for run in runs.values():
-            run.net = DistributedDataParallel(run.net, device_ids=ids, find_unused_parameters=_has_unused_params(run.net))
-        return runs
-
-    def _batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        xb, yb = super()._batch(idx)  # the global batch, augmented identically on every rank
-        return shard(xb, self.rank, self.world_size), shard(yb, self.rank, self.world_size)
-
-    def _forward_backward(self, name: str, run: Any, xb: torch.Tensor, yb: torch.Tensor, lr: float) -> list[torch.Tensor]:
-        loss, correct, gnorm, pnorm = super()._forward_backward(name, run, xb, yb, lr)
-        both = torch.stack([loss, correct])
-        dist.all_reduce(both)  # gloo has no AVG: sum, then divide
-        both = both / self.world_size
-        return [both[0], both[1], gnorm, pnorm]  # gradient and weight norms already agree across ranks
+        self.parallel = DataParallel(info, self.device)
 
 
 def sweep(items: Sequence[T], fn: Callable[[T], R]) -> list[R]:

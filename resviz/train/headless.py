@@ -17,11 +17,10 @@ from resviz import plots
 from resviz.config import NetConfig, TrainConfig
 from resviz.data.datasets import load_dataset
 from resviz.storage.checkpoints import save_checkpoint
-from resviz.storage.rundirs import CONFIG, METRICS, SUMMARY, MetricsLog, write_json
+from resviz.storage.rundirs import CONFIG, METRICS, SUMMARY, MetricsLog, RunData, write_json
 from resviz.train import distributed
+from resviz.train.records import StepRecord, curves, history_of, plot_table
 from resviz.train.trainer import Trainer, build_nets
-
-METRIC_KEYS = ("loss", "acc", "grad_norm", "param_norm", "test_loss", "test_acc")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -55,36 +54,18 @@ class RunSpec:
                    test_size=data.get("test_size"), twin=bool(d.get("twin", True)))
 
 
-def flat_record(rec: dict[str, Any]) -> dict[str, Any]:
-    """The JSON line of one trainer record: scalars only (instrument readings are left out)."""
-    out = {k: rec[k] for k in ("step", "total_steps", "epoch", "lr", "images_per_s", "time_s", "status", "message") if k in rec}
-    out["nets"] = {name: {k: m[k] for k in METRIC_KEYS if k in m} for name, m in rec.get("nets", {}).items()}
-    return out
+def step_records(run: RunData) -> list[StepRecord]:
+    """The training steps of a loaded run directory (``metrics.jsonl`` of this or an earlier version)."""
+    return [StepRecord.from_json(line) for line in run.metrics if "step" in line]
 
 
-def _history(records: list[dict[str, Any]]) -> dict[str, dict[str, list[float]]]:
-    """Per net: train and test curves in the form :func:`resviz.plots.training_curves_figure` takes."""
-    hist: dict[str, dict[str, list[float]]] = {}
-    for rec in records:
-        for name, m in rec.get("nets", {}).items():
-            h = hist.setdefault(name, {k: [] for k in ("step", "loss", "acc", "test_step", "test_loss", "test_acc")})
-            h["step"].append(rec["step"])
-            h["loss"].append(m.get("loss"))
-            h["acc"].append(m.get("acc"))
-            if "test_acc" in m:
-                h["test_step"].append(rec["step"])
-                h["test_loss"].append(m.get("test_loss"))
-                h["test_acc"].append(m["test_acc"])
-    return hist
-
-
-def train_to_dir(spec: RunSpec, out: str | Path, *, progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+def train_to_dir(spec: RunSpec, out: str | Path, *, progress: Callable[[StepRecord], None] | None = None) -> dict[str, Any]:
     """Train ``spec`` and write the run directory; returns the summary (also ``summary.json``).
 
     Args:
         spec: what to train.
         out: the run directory (created; rank 0 only).
-        progress: called with each step's flat record (on every rank).
+        progress: called with each step's record (on every rank).
     """
     out, info = Path(out), distributed.current()
     data = load_dataset(spec.dataset, input_size=spec.net.input_size, train_size=spec.train_size,
@@ -93,31 +74,33 @@ def train_to_dir(spec: RunSpec, out: str | Path, *, progress: Callable[[dict[str
     nets = build_nets(net_cfg, twin=spec.twin, seed=spec.train.seed)
     make = distributed.DistributedTrainer if info.enabled else Trainer
     trainer = make(nets, data, spec.train, probes=False)
-    records: list[dict[str, Any]] = []
+    records: list[StepRecord] = []
     log = MetricsLog(out / METRICS) if info.is_main else None
     try:
         if log is not None:
             write_json(out / CONFIG, {"kind": "train", **replace(spec, net=net_cfg).to_dict(), "world_size": info.world_size})
         for rec in trainer.steps():
-            flat = flat_record(rec)
-            records.append(flat)
+            records.append(rec)
             if log is not None:
-                log.write(flat)
+                log.write(rec.to_json())
             if progress is not None:
-                progress(flat)
+                progress(rec)
     finally:
         if log is not None:
             log.close()
-    summary = {"status": trainer.status, "message": trainer.message, "steps": trainer.step,
-               "world_size": info.world_size, "final": next((r["nets"] for r in reversed(records) if r.get("nets")), {})}
+    last = next((r for r in reversed(records) if r.nets), None)
+    summary = {"status": str(trainer.status), "message": trainer.message, "steps": trainer.step,
+               "world_size": info.world_size,
+               "final": {name: m.as_dict() for name, m in last.nets.items()} if last is not None else {}}
     if info.is_main:
         _save_outputs(out, trainer, data, records, summary)
     return summary
 
 
-def _save_outputs(out: Path, trainer: Trainer, data: Any, records: list[dict[str, Any]], summary: dict[str, Any]) -> None:
+def _save_outputs(out: Path, trainer: Trainer, data: Any, records: list[StepRecord], summary: dict[str, Any]) -> None:
     for name, net in trainer.nets.items():
         net = distributed.unwrap(net).cpu().eval()
         save_checkpoint(net, out / name, dataset=data, metrics={"role": name, **summary["final"].get(name, {})})
     write_json(out / SUMMARY, summary)
-    plots.training_curves_figure(_history(records)).write_html(out / "training_curves.html", include_plotlyjs="directory")
+    table = plot_table(curves(history_of(records)))
+    plots.training_curves_figure(table).write_html(out / "training_curves.html", include_plotlyjs="directory")
