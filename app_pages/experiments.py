@@ -14,7 +14,7 @@ from typing import Any
 
 import streamlit as st
 
-from app_pages import common
+from app_pages import state
 from resviz.experiments import BUDGETS, STUDIES
 from resviz.experiments.runner import StudyJob, study_figures
 from resviz.jobs import JobLimitError, JobRegistry
@@ -26,15 +26,19 @@ BUDGET_HELP = {"small": "about 1-4 minutes on a laptop CPU (the numbers in docs/
 
 
 def runs_root() -> Path:
-    """Where run directories are looked for: ``$RESVIZ_RUNS`` or ``runs/`` beside the app."""
-    return Path(os.environ.get("RESVIZ_RUNS") or Path(__file__).resolve().parent.parent / "runs")
+    """Where run directories are looked for: ``$RESVIZ_RUNS``, or ``runs/`` in the working directory.
+
+    That is where ``python -m resviz ... --out runs/<name>`` writes when run from the same directory as
+    the app (``make run`` runs both from the checkout), and it holds for an installed app too.
+    """
+    return Path(os.environ.get("RESVIZ_RUNS") or "runs").resolve()
 
 
 # -- jobs -----------------------------------------------------------------------------------------
 @st.cache_resource(show_spinner=False, on_release=lambda reg: reg.shutdown())
 def registry() -> JobRegistry:
     """Process-wide: at most ``RESVIZ_MAX_JOBS`` studies run at once, one per session."""
-    return JobRegistry(cap=common.max_jobs())
+    return JobRegistry(cap=state.max_jobs())
 
 
 def _release(key: tuple[str, JobRegistry]) -> None:
@@ -48,7 +52,7 @@ def _session_handle(session_id: str) -> tuple[str, JobRegistry]:
 
 def session_id() -> str:
     """This session's id; ending the session stops its studies."""
-    sid = "study-" + st.session_state[common.SESSION_ID]
+    sid = "study-" + st.session_state[state.SESSION_ID]
     _session_handle(sid)
     return sid
 
@@ -163,6 +167,3 @@ def render() -> None:
         _start(name, budget, seed)
     _job_panel(job)
     _open_run()
-
-
-common.run_page(render, "The Experiments page")

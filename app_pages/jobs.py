@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import streamlit as st
 
-from app_pages import common
+from app_pages import state
 from resviz.data.datasets import DatasetBundle, load_dataset
 from resviz.jobs import JobRegistry, TrainingJob, live_workers
 from resviz.storage.checkpoints import save_checkpoint
@@ -28,8 +28,8 @@ from resviz.storage.checkpoints import save_checkpoint
 
 @st.cache_resource(show_spinner=False, on_release=lambda reg: reg.shutdown())
 def registry() -> JobRegistry:
-    """The process-wide job registry (at most ``common.max_jobs()`` runs train at once)."""
-    return JobRegistry(cap=common.max_jobs())
+    """The process-wide job registry (at most ``state.max_jobs()`` runs train at once)."""
+    return JobRegistry(cap=state.max_jobs())
 
 
 @dataclass(frozen=True)
@@ -68,7 +68,7 @@ def _session_handle(session_id: str) -> SessionHandle:
 
 def session_id() -> str:
     """This session's id in the registry; also makes sure its jobs stop when the session ends."""
-    sid = st.session_state[common.SESSION_ID]
+    sid = st.session_state[state.SESSION_ID]
     _session_handle(sid)
     return sid
 
@@ -168,7 +168,7 @@ def collect_trained() -> None:
             info = {**job.data.info(), "dataset": job.data.name, "net_config": job.net_cfg.to_dict(),
                     "train_config": job.train_cfg.to_dict(), "role": role, "job_id": job.id,
                     "final": {k.split("/", 1)[1]: v for k, v in snap["latest"].items() if k.startswith(f"{role}/")}}
-            common.add_trained_model(f"{base} · {role}", common.TrainedModel(net, info))
+            state.add_trained_model(f"{base} · {role}", state.TrainedModel(net, info))
 
 
 def _status_line(job_id: str | None) -> None:

@@ -1,6 +1,6 @@
 """The Train page's pure parts: the run settings it derives and the live charts it sends.
 
-Kept apart from ``app_pages/train.py`` (which renders the page when imported) so the benchmark and
+Kept apart from the widgets of ``app_pages/train.py`` so the benchmark and
 the tests use exactly what the page does; nothing here calls Streamlit. Every refresh of an active
 run ships these figures to the browser, so each series is thinned to at most ``LIVE_POINTS`` points:
 a 10-minute run (history capped at 500 points per series by ``resviz.jobs``) then costs about 250 KB
@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import plotly.graph_objects as go
 
-from app_pages import jobs as runs
+from app_pages import jobs
 from resviz import TrainConfig, plots
 
 LIVE_POINTS = 240  # points per series in the live charts; a chart is a few hundred pixels wide
@@ -50,7 +50,7 @@ def probe_version(snap: dict[str, Any], key: str) -> tuple:
 
 def curves_figure(snap: dict[str, Any], points: int = LIVE_POINTS) -> go.Figure:
     """Train and test loss and accuracy of every net in the run."""
-    return plots.training_curves_figure(runs.curves(_thin_history(snap, points)))
+    return plots.training_curves_figure(jobs.curves(_thin_history(snap, points)))
 
 
 def flow_figure(snap: dict[str, Any], name: str, points: int = LIVE_POINTS) -> go.Figure | None:
