@@ -121,7 +121,13 @@ def load_upload(files: Sequence[tuple[str, bytes]]) -> tuple[ResNet, ModelInfo]:
 
 
 # -- shipped checkpoints ------------------------------------------------------------------------
-PRETRAINED_DIR = Path(__file__).resolve().parent.parent / "pretrained"  # override with $RESVIZ_PRETRAINED
+def _shipped_dir() -> Path:
+    """``resviz/pretrained`` inside an installed wheel, else ``pretrained/`` of the source checkout."""
+    here = Path(__file__).resolve().parent
+    return here / "pretrained" if (here / "pretrained").is_dir() else here.parent / "pretrained"
+
+
+PRETRAINED_DIR = _shipped_dir()  # override with $RESVIZ_PRETRAINED
 
 
 @dataclass(frozen=True)

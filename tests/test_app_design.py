@@ -91,12 +91,12 @@ def test_link_reproduces_the_configuration() -> None:
 
 
 def test_page_errors_become_messages(monkeypatch: pytest.MonkeyPatch) -> None:
-    import resviz.nn.equations
+    from app_pages import design
 
     def boom(_cfg: object) -> None:
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(resviz.nn.equations, "block_equation", boom)
+    monkeypatch.setattr(design, "block_equation", boom)  # the page's own name for resviz.nn.equations.block_equation
     at = app(TINY)
     assert not at.exception
     assert any("boom" in e.value for e in at.error)
