@@ -9,6 +9,7 @@ Nothing here imports streamlit: the app runs in its own ``python -m streamlit`` 
 from __future__ import annotations
 
 import importlib.util
+import os
 import subprocess
 import sys
 import tomllib
@@ -52,9 +53,12 @@ def app_command(port: int = 8501, extra: Sequence[str] = ()) -> list[str]:
 
 
 def run_app(port: int = 8501, extra: Sequence[str] = ()) -> int:
-    """Run the app until it is stopped (Ctrl-C); returns Streamlit's exit status."""
-    proc = subprocess.Popen(app_command(port, extra))
-    try:
-        return proc.wait()
-    except KeyboardInterrupt:  # the terminal interrupted Streamlit too: let it shut down
-        return proc.wait()
+    """Serve the app until it is stopped; returns Streamlit's exit status.
+
+    On POSIX this process becomes Streamlit (``exec``), so a terminal's Ctrl-C or a supervisor's SIGTERM
+    reaches the server itself and no orphan is left behind.
+    """
+    cmd = app_command(port, extra)
+    if os.name == "posix":
+        os.execv(cmd[0], cmd)
+    return subprocess.call(cmd)
