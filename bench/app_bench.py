@@ -101,7 +101,7 @@ class AppServer:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"streamlit exited with {self.proc.returncode}")
             try:
-                with urllib.request.urlopen(f"{self.url}/_stcore/health", timeout=5) as r:  # noqa: S310 - localhost
+                with urllib.request.urlopen(f"{self.url}/_stcore/health", timeout=5) as r:  # localhost
                     if r.read().strip() == b"ok":
                         return
             except OSError:

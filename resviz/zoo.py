@@ -241,7 +241,7 @@ def load_torchvision(arch: str, hub_dir: str | os.PathLike | None = None) -> tup
         state = torch.load(path, map_location="cpu", weights_only=True)
         tv = getattr(tvm, TORCHVISION_ARCHS[arch][0])()
         tv.load_state_dict(state)
-    except Exception as e:  # noqa: BLE001 - any damage to the file means the same thing to the user
+    except Exception as e:  # any damage to the file means the same thing to the user
         raise ModelUnavailableError(f"the weights file {path} could not be read ({type(e).__name__}); delete it and run: "
                                f"{download_command(arch)}") from e
     weights = _weights(arch, member)

@@ -40,7 +40,7 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F  # noqa: N812
+import torch.nn.functional as F
 
 from resviz.train.trainer import Trainer, _autocast, _Run, lr_at
 
