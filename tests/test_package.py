@@ -64,6 +64,21 @@ def test_wheel_declares_the_pins_of_requirements_txt(wheel: Path) -> None:
     assert sorted(map(key, declared), key=str) == sorted(map(key, pinned), key=str)
 
 
+def test_wheel_is_named_after_the_library_version(wheel: Path) -> None:
+    import resviz
+
+    assert wheel.name.startswith(f"resviz-{resviz.__version__}-")
+
+
+def test_top_level_api_holds_what_scripts_reach_for() -> None:
+    import resviz
+
+    assert all(hasattr(resviz, name) for name in resviz.__all__)
+    wanted = {"NetConfig", "TrainConfig", "build_net", "plain_twin", "load_dataset", "Trainer", "fit", "evaluate",
+              "save_checkpoint", "load_checkpoint", "inspect_image", "explain", "Lesion"}
+    assert wanted <= set(resviz.__all__)
+
+
 def test_wheel_has_the_resviz_console_script(wheel: Path) -> None:
     with zipfile.ZipFile(wheel) as whl:
         entry_points = configparser.ConfigParser()

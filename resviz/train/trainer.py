@@ -59,7 +59,7 @@ from torch.utils.data import TensorDataset
 
 from resviz.analysis.probes import LiveProbes
 from resviz.config import NetConfig, TrainConfig
-from resviz.nn.models import build_net
+from resviz.nn.models import build_net, plain_twin
 from resviz.runtime import keep_freed_memory
 
 
@@ -406,9 +406,7 @@ def build_nets(net_cfg: NetConfig, *, twin: bool = True, seed: int = 0) -> dict[
     net = build_net(net_cfg.residual_twin() if twin and net_cfg.is_plain else net_cfg)
     if not twin:
         return {"plain" if net_cfg.is_plain else "residual": net}
-    plain = build_net(net_cfg.plain_twin())
-    plain.load_state_dict(net.state_dict())  # same start: only the skip connections differ
-    return {"residual": net, "plain": plain}
+    return {"residual": net, "plain": plain_twin(net, same_weights=True)}  # same start: only the skips differ
 
 
 @dataclass
