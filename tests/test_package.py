@@ -99,6 +99,16 @@ def test_wheel_carries_the_library_the_app_and_the_checkpoints(wheel: Path) -> N
     assert len(manifest["checkpoints"]) >= 1 and shipped <= names
 
 
+def test_resviz_app_serves_the_checkout_app_with_its_streamlit_settings() -> None:
+    from resviz import launch
+
+    command = launch.app_command(8600, ["--server.address=0.0.0.0"])
+    assert command[1:5] == ["-m", "streamlit", "run", str(ROOT / "app.py")]
+    flags = launch.config_flags(ROOT / ".streamlit" / "config.toml")
+    assert {"--server.address=127.0.0.1", "--server.headless=true", "--runner.postScriptGC=false"} <= set(flags)
+    assert command[5:-2] == flags and command[-2:] == ["--server.port=8600", "--server.address=0.0.0.0"]  # last wins
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
