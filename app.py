@@ -1,44 +1,56 @@
 """ResViz: see why residual networks work.
 
-The router and frame of the app: page config, navigation, the shared sidebar, and the URL that
-mirrors the configuration. Pages live in ``app_pages/``; everything they show is computed by ``resviz``.
-Run with ``streamlit run app.py``.
+The router and frame of the app, and nothing else: page config, session state, navigation, the shared
+sidebar, the error guard around the page and the URL that mirrors the configuration. Each page is a
+``render`` function of a module in ``app_pages/``; everything they show is computed by ``resviz``.
+Run with ``streamlit run app.py`` (``make run``), or ``resviz app`` once the package is installed.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import streamlit as st
 from streamlit.navigation.page import StreamlitPage
 
-from app_pages import common
+from app_pages import design, experiments, inspection, jobs, state, train
 
-ROOT = Path(__file__).parent
-# (script, title, icon). A page whose file is absent is left out of the navigation, which keeps the
-# app usable while a page is being written and leaves a slot for the Experiments page.
-PAGES = (
-    ("app_pages/design.py", "Design", ":material/architecture:"),
-    ("app_pages/train.py", "Train", ":material/model_training:"),
-    ("app_pages/inspection.py", "Inspect", ":material/search:"),
-    ("app_pages/experiments.py", "Experiments", ":material/science:"),
+ABOUT = (
+    "ResViz shows why residual networks work: design a block, watch it train next to its plain twin, "
+    "then look inside. Everything on screen is computed live by the `resviz` library."
 )
 
 
-def navigation() -> StreamlitPage:
-    pages = [
-        st.Page(path, title=title, icon=icon, default=i == 0, url_path=None if i == 0 else title.lower())
-        for i, (path, title, icon) in enumerate(PAGES)
-        if (ROOT / path).is_file()
+def pages() -> list[StreamlitPage]:
+    """The navigation, in menu order. The URL paths are part of every shared link: keep them."""
+    return [
+        st.Page(design.render, title="Design", icon=":material/architecture:", url_path="", default=True),
+        st.Page(train.render, title="Train", icon=":material/model_training:", url_path="train"),
+        st.Page(inspection.render, title="Inspect", icon=":material/search:", url_path="inspect"),
+        st.Page(experiments.render, title="Experiments", icon=":material/science:", url_path="experiments"),
     ]
-    return st.navigation(pages)
 
 
-st.set_page_config(page_title="ResViz", page_icon=":material/hub:", layout="wide")
-common.init_state()
-page = navigation()
-common.sidebar()
-common.show_url_warning()
-with common.guard(f"The {page.title} page"):
-    page.run()
-common.sync_url()
+def sidebar() -> None:
+    """The frame shared by every page: device, running job, server load, about."""
+    auto, _found = state.devices()
+    with st.sidebar:
+        st.caption(f"Device: **{auto}** (picked automatically)")
+        jobs.sync_session()
+        st.caption(jobs.server_load(), help="Training runs going on this server for all users; "
+                   "Start is refused while every slot is taken.")
+        st.caption(ABOUT)
+
+
+def main() -> None:
+    """One script run: the frame around the page the URL names."""
+    st.set_page_config(page_title="ResViz", page_icon=":material/hub:", layout="wide")
+    state.init_state()
+    page = st.navigation(pages())
+    sidebar()
+    state.show_url_warning()
+    with state.guard(f"The {page.title} page"):
+        page.run()
+    state.sync_url()
+
+
+if __name__ == "__main__":  # streamlit runs this file as __main__; importing it (tests) runs nothing
+    main()

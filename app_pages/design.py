@@ -7,7 +7,7 @@ from dataclasses import replace
 import numpy as np
 import streamlit as st
 
-from app_pages import common
+from app_pages import state
 from app_pages.help_text import HELP, ORDER_LABELS, SCALING_LABELS, SHORTCUT_LABELS
 from resviz import BlockConfig, NetConfig, plots
 from resviz.analysis.initstats import describe_blocks, init_comparison, summarize
@@ -57,7 +57,7 @@ def _seed_widgets(cfg: NetConfig) -> None:
         "d_depth": cfg.depth, "d_width": cfg.width, "d_input": cfg.input_size, "d_classes": cfg.num_classes,
         "d_channels": cfg.in_channels, "d_skips_off": [i for i, s in enumerate(cfg.skip_flags) if not s],
     }.items():
-        common.widget_default(key, value)
+        state.widget_default(key, value)
 
 
 def _block_widgets() -> BlockConfig:
@@ -168,7 +168,7 @@ def _spread(values: np.ndarray) -> str:
 
 def render() -> None:
     st.title("Design a residual network")
-    _seed_widgets(common.net_config())
+    _seed_widgets(state.net_config())
     left, right = st.columns([5, 6], gap="large")
     with left:
         try:
@@ -177,12 +177,9 @@ def render() -> None:
         except ValueError as e:
             st.error(f"This combination does not work: {e}")
             return
-        common.set_net_config(cfg)
+        state.set_net_config(cfg)
     with right:
         _show_summary(cfg)
         _show_equation(cfg.block)
         st.plotly_chart(plots.architecture_figure(_blocks(cfg.to_json())), key="d_arch_fig")
     _show_init(cfg)
-
-
-common.run_page(render, "The Design page")

@@ -14,8 +14,7 @@ from typing import Any
 
 import streamlit as st
 
-from app_pages import common
-from app_pages import jobs as runs
+from app_pages import jobs
 from resviz.experiments import BUDGETS, STUDIES
 from resviz.experiments.runner import StudyJob, study_figures
 from resviz.jobs import JobLimitError
@@ -27,18 +26,22 @@ BUDGET_HELP = {"small": "about 1-4 minutes on a laptop CPU (the numbers in docs/
 
 
 def runs_root() -> Path:
-    """Where run directories are looked for: ``$RESVIZ_RUNS`` or ``runs/`` beside the app."""
-    return Path(os.environ.get("RESVIZ_RUNS") or Path(__file__).resolve().parent.parent / "runs")
+    """Where run directories are looked for: ``$RESVIZ_RUNS``, or ``runs/`` in the working directory.
+
+    That is where ``python -m resviz ... --out runs/<name>`` writes when run from the same directory as
+    the app (``make run`` runs both from the checkout), and it holds for an installed app too.
+    """
+    return Path(os.environ.get("RESVIZ_RUNS") or "runs").resolve()
 
 
 # -- jobs: the app's one registry and session handle (app_pages/jobs.py), shared with training ----------
 def current_job() -> StudyJob | None:
-    return runs.registry().get(runs.session_id(), StudyJob)
+    return jobs.registry().get(jobs.session_id(), StudyJob)
 
 
 def _start(name: str, budget: str, seed: int) -> None:
     try:
-        runs.registry().submit(runs.session_id(), StudyJob(name, budget, seed, num_threads=1))
+        jobs.registry().submit(jobs.session_id(), StudyJob(name, budget, seed, num_threads=1))
     except JobLimitError as e:
         st.warning(str(e))
         return
@@ -142,6 +145,3 @@ def render() -> None:
         _start(name, budget, seed)
     _job_panel(job)
     _open_run()
-
-
-common.run_page(render, "The Experiments page")

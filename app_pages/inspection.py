@@ -9,7 +9,7 @@ import numpy as np
 import streamlit as st
 import torch
 
-from app_pages import common, pickers
+from app_pages import pickers, state
 from resviz import ResNet, plots, zoo
 from resviz.analysis.inspection import CHANNEL_ORDERS, Heatmap, Inspection, Lesion, compare, explain, inspect_image, removal_effects
 from resviz.zoo import ModelInfo
@@ -40,7 +40,7 @@ def lesion_widgets(net: ResNet, model_key: str) -> Lesion:
     tag = hashlib.sha1(model_key.encode()).hexdigest()[:10]
     n, label = len(net.blocks), (lambda i: _block_label(net, i))
     skip_key, removed_key = f"i_skip_off_{tag}", f"i_removed_{tag}"
-    common.widget_default(skip_key, [i for i, s in enumerate(net.skips) if not s])
+    state.widget_default(skip_key, [i for i, s in enumerate(net.skips) if not s])
     c1, c2 = st.columns(2)
     off = c1.multiselect("Skip connection off (plain block)", range(n), format_func=label, key=skip_key,
                          help="y = post(F(x)): the block loses its shortcut. Nothing is retrained.")
@@ -212,8 +212,5 @@ def render() -> None:
     sections = {TABS[0]: show_magnitudes, TABS[1]: show_attribution, TABS[2]: show_removal_sweep}
     for tab, (title, show) in zip(st.tabs(TABS, key="i_tab", on_change="rerun"), sections.items(), strict=True):
         if tab.open:
-            with tab, common.guard(title):
+            with tab, state.guard(title):
                 show(ctx, shown)
-
-
-common.run_page(render, "The Inspect page")

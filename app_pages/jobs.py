@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import streamlit as st
 
-from app_pages import common
+from app_pages import state
 from resviz import runtime
 from resviz.data.datasets import DatasetBundle, load_dataset
 from resviz.jobs import JobRegistry, TrainingJob, live_workers
@@ -36,13 +36,13 @@ WORKER_THREADS = runtime.default_threads()  # torch threads of each training job
 
 @st.cache_resource(show_spinner=False, on_release=lambda reg: reg.shutdown())
 def registry() -> JobRegistry:
-    """The process-wide job registry (at most ``common.max_jobs()`` jobs of any kind at once).
+    """The process-wide job registry (at most ``state.max_jobs()`` jobs of any kind at once).
 
     Made once per server process, before the first job: the process is tuned here for training
     (glibc keeps freed memory for the next step; cuDNN times its algorithms once for fixed shapes).
     """
     runtime.tune(keep_freed_memory=True, cudnn_benchmark=True)
-    return JobRegistry(cap=common.max_jobs())
+    return JobRegistry(cap=state.max_jobs())
 
 
 @dataclass(frozen=True)
@@ -81,7 +81,7 @@ def _session_handle(session_id: str) -> SessionHandle:
 
 def session_id() -> str:
     """This session's id in the registry; also makes sure its jobs stop when the session ends."""
-    sid = st.session_state[common.SESSION_ID]
+    sid = st.session_state[state.SESSION_ID]
     _session_handle(sid)
     return sid
 
@@ -174,7 +174,7 @@ def collect_trained() -> None:
             info = {**job.data.info(), "dataset": job.data.name, "net_config": job.net_cfg.to_dict(),
                     "train_config": job.train_cfg.to_dict(), "role": role, "job_id": job.id,
                     "final": snap.latest[role].as_dict() if role in snap.latest else {}}
-            common.add_trained_model(f"{base} · {role}", common.TrainedModel(net, info))
+            state.add_trained_model(f"{base} · {role}", state.TrainedModel(net, info))
 
 
 def _status_line(job_id: str | None) -> None:

@@ -13,7 +13,7 @@ from typing import Any
 import streamlit as st
 import torch
 
-from app_pages import common
+from app_pages import state
 from resviz import ResNet, zoo
 from resviz.data.images import ImageError, load_image, sample_images
 from resviz.zoo import ModelInfo
@@ -73,7 +73,7 @@ def _pick_shipped() -> Model | None:
     if not models:
         st.info("No shipped checkpoints yet: run `python pretrained/make_pretrained.py`, or pick another source.")
         return None
-    dataset = st.session_state.get(common.DATASET)  # first choice: a residual net on the session's dataset
+    dataset = st.session_state.get(state.DATASET)  # first choice: a residual net on the session's dataset
     first = next((i for i, m in enumerate(models) if m.dataset == dataset and m.kind != "plain"), 0)
     m = st.selectbox("Checkpoint", models, index=first, format_func=_shipped_label, key="i_shipped")
     net, info = _shipped(str(m.path), m.path.stat().st_mtime)
@@ -86,15 +86,15 @@ def _shipped_label(m: zoo.ShippedModel) -> str:
 
 
 def _pick_trained() -> Model | None:
-    models = common.trained_models()
+    models = state.trained_models()
     if not models:
         st.info("No nets trained in this session yet: train one on the Train page.")
         return None
     names = list(models)
-    chosen = common.selected_model()
+    chosen = state.selected_model()
     index = names.index(chosen[0]) if chosen else len(names) - 1
     name = st.selectbox("Trained net", names, index=index, key="i_trained")
-    st.session_state[common.SELECTED] = name
+    st.session_state[state.SELECTED] = name
     net, raw = models[name]
     return f"trained:{name}:{id(net)}", net, zoo.info_from_dict(raw, name=name, source="trained")
 
@@ -123,16 +123,16 @@ def _pick_torchvision() -> Model | None:
 
 
 def _pick_untrained() -> Model:
-    cfg, dataset = common.net_config(), st.session_state.get(common.DATASET, "shapes")
+    cfg, dataset = state.net_config(), st.session_state.get(state.DATASET, "shapes")
     net, info = _untrained(cfg.to_json(), dataset)
     return f"untrained:{cfg.to_json()}:{dataset}", net, info
 
 
 def choose_model() -> Model | None:
     """The source radio plus that source's picker."""
-    just_trained = common.selected_model() is not None and st.session_state.get(common.SELECTED) is not None
+    just_trained = state.selected_model() is not None and st.session_state.get(state.SELECTED) is not None
     default = "trained" if just_trained else ("pretrained" if _shipped_list() else "untrained")
-    common.widget_default("i_source", default)
+    state.widget_default("i_source", default)
     source = st.radio("Model", list(SOURCES), format_func=SOURCES.get, key="i_source", horizontal=True)
     pick = {"pretrained": _pick_shipped, "trained": _pick_trained, "upload": _pick_upload,
             "torchvision": _pick_torchvision, "untrained": _pick_untrained}[source]

@@ -8,8 +8,7 @@ from dataclasses import replace
 import plotly.graph_objects as go
 import streamlit as st
 
-from app_pages import common, train_live
-from app_pages import jobs as runs
+from app_pages import jobs, state, train_live
 from app_pages.help_text import HELP
 from resviz import TrainConfig, plots
 from resviz.data.datasets import DATASETS, DatasetUnavailable, available_datasets
@@ -29,10 +28,10 @@ def _dataset_widget() -> tuple[str, str]:
     """Dataset choice: built-ins, torchvision datasets whose files exist, or a folder by path."""
     avail = available_datasets()
     options = [k for k, ok in avail.items() if ok is True] + [FOLDER]
-    common.widget_default("t_dataset", st.session_state[common.DATASET])
-    common.widget_default("t_folder", st.session_state[common.DATA_FOLDER])
+    state.widget_default("t_dataset", st.session_state[state.DATASET])
+    state.widget_default("t_folder", st.session_state[state.DATA_FOLDER])
     if st.session_state["t_dataset"] not in options:
-        st.session_state["t_dataset"] = common.DEFAULT_DATASET
+        st.session_state["t_dataset"] = state.DEFAULT_DATASET
     name = st.selectbox("Dataset", options, key="t_dataset", help=HELP["dataset"],
                         format_func=lambda k: "your image folder" if k == FOLDER else k)
     st.caption(DATASETS.get(name, ""))
@@ -60,12 +59,12 @@ def _clamp_seeded(key: str, label: str, lo: float, hi: float) -> None:
 
 def _settings() -> tuple[TrainConfig, bool, int]:
     """Optimisation widgets; returns the training config, whether to train the plain twin, train size."""
-    cfg = common.train_config()
-    auto, found = common.devices()
+    cfg = state.train_config()
+    auto, found = state.devices()
     for key, value in {"t_opt": cfg.optimizer, "t_lr": cfg.lr, "t_epochs": cfg.epochs, "t_bs": cfg.batch_size,
                        "t_seed": cfg.seed, "t_device": cfg.device if cfg.device in ["auto", *found] else "auto",
-                       "t_twin": st.session_state[common.TWIN], "t_n": st.session_state[common.TRAIN_SIZE]}.items():
-        common.widget_default(key, value)
+                       "t_twin": st.session_state[state.TWIN], "t_n": st.session_state[state.TRAIN_SIZE]}.items():
+        state.widget_default(key, value)
     for key, label, (lo, hi) in (("t_lr", "learning rate", LR_RANGE), ("t_epochs", "epochs", EPOCH_RANGE),
                                  ("t_seed", "seed", SEED_RANGE)):
         _clamp_seeded(key, label, lo, hi)
@@ -95,13 +94,13 @@ def _start(dataset: str, folder: str, cfg: TrainConfig, twin: bool, train_size: 
     if dataset == FOLDER and not folder.strip():
         st.error("Enter the path of a folder of images first.")
         return
-    net_cfg = common.net_config()
+    net_cfg = state.net_config()
     try:
-        bundle = runs.load_bundle(name, net_cfg.input_size, train_size, cfg.seed)
-        net_cfg = common.with_dataset_shape(net_cfg, bundle.num_classes, bundle.channels)
+        bundle = jobs.load_bundle(name, net_cfg.input_size, train_size, cfg.seed)
+        net_cfg = state.with_dataset_shape(net_cfg, bundle.num_classes, bundle.channels)
         cfg = replace(cfg, eval_every=train_live.eval_every(len(bundle.train), cfg))
-        job = TrainingJob(net_cfg, bundle, cfg, twin=twin, num_threads=runs.WORKER_THREADS)
-        runs.registry().submit(runs.session_id(), job)
+        job = TrainingJob(net_cfg, bundle, cfg, twin=twin, num_threads=jobs.WORKER_THREADS)
+        jobs.registry().submit(jobs.session_id(), job)
     except (DatasetUnavailable, JobLimitError, ValueError) as e:
         st.error(str(e))
         return
@@ -173,8 +172,8 @@ def _probe_charts(snap: JobSnapshot) -> None:
 
 def _live_view(job_id: str, was_active: bool) -> None:
     """The region that refreshes on its own while a run is active (reads the job's snapshot only)."""
-    with common.guard("The live view"):
-        job = runs.registry().find(runs.session_id(), job_id)
+    with state.guard("The live view"):
+        job = jobs.registry().find(jobs.session_id(), job_id)
         if job is None:
             st.info("This run is no longer available.")
             return
@@ -196,66 +195,62 @@ def _live_view(job_id: str, was_active: bool) -> None:
 
 
 # -- runs list, comparison, exports -------------------------------------------------------------
-def _pick_run(jobs: list[TrainingJob]) -> TrainingJob | None:
-    if not jobs:
+def _pick_run(job_list: list[TrainingJob]) -> TrainingJob | None:
+    if not job_list:
         return None
-    labels = {j.id: runs.run_label(j, i) for i, j in enumerate(jobs, start=1)}
+    labels = {j.id: jobs.run_label(j, i) for i, j in enumerate(job_list, start=1)}
     current = st.session_state.get("t_view")
     if current not in labels:
-        st.session_state["t_view"] = jobs[-1].id
+        st.session_state["t_view"] = job_list[-1].id
     view = st.selectbox("Show run", list(reversed(labels)), format_func=labels.get, key="t_view")
-    return next(j for j in jobs if j.id == view)
+    return next(j for j in job_list if j.id == view)
 
 
-def _compare(jobs: list[TrainingJob]) -> None:
-    ended = [(i, j) for i, j in enumerate(jobs, start=1) if not j.active]
+def _compare(job_list: list[TrainingJob]) -> None:
+    ended = [(i, j) for i, j in enumerate(job_list, start=1) if not j.active]
     if len(ended) < 2:
         return
     with st.expander("Compare runs", icon=":material/compare:"):
-        labels = {j.id: runs.run_label(j, i) for i, j in ended}
+        labels = {j.id: jobs.run_label(j, i) for i, j in ended}
         chosen = st.multiselect("Runs", list(labels), format_func=labels.get, key="t_compare",
                                 default=list(labels)[-2:])
         history = {}
         for jid in chosen:
             number, job = next((i, j) for i, j in ended if j.id == jid)
             names = {"residual": f"#{number} with skips", "plain": f"#{number} without skips"}
-            history.update(runs.curves(job.snapshot(), names))
+            history.update(jobs.curves(job.snapshot(), names))
         st.plotly_chart(plots.training_curves_figure(history), key="t_compare_fig")
 
 
 def _exports(job: TrainingJob) -> None:
     c1, c2, c3, c4 = st.columns(4)
-    c1.download_button("Config (JSON)", runs.config_json(job), "resviz-config.json", "application/json",
+    c1.download_button("Config (JSON)", jobs.config_json(job), "resviz-config.json", "application/json",
                        key="t_dl_cfg", on_click="ignore", icon=":material/download:")
-    c2.download_button("Metrics (CSV)", lambda: runs.metrics_csv(job.snapshot()), "resviz-metrics.csv", "text/csv",
+    c2.download_button("Metrics (CSV)", lambda: jobs.metrics_csv(job.snapshot()), "resviz-metrics.csv", "text/csv",
                        key="t_dl_csv", on_click="ignore", icon=":material/download:")
     for col, role in zip((c3, c4), ("residual", "plain")):
         if role in job.nets and not job.active:
-            col.download_button(f"{role.capitalize()} checkpoint", lambda r=role: runs.checkpoint_bytes(job, r),
+            col.download_button(f"{role.capitalize()} checkpoint", lambda r=role: jobs.checkpoint_bytes(job, r),
                                 f"resviz-{role}.safetensors", "application/octet-stream", key=f"t_dl_{role}",
                                 on_click="ignore", icon=":material/download:")
 
 
 def render() -> None:
     st.title("Train the residual net and its plain twin")
-    net = common.net_config()
+    net = state.net_config()
     st.caption(f"Net from the Design page (change it there): ResNet-{net.depth} ({net.style}, {net.block.kind} blocks, "
                f"{net.block.order} order), width {net.width}, {net.input_size}x{net.input_size} inputs, "
                f"{sum(net.skip_flags)}/{net.num_blocks} skips on. Classes and input channels follow the dataset.")
     dataset, folder = _dataset_widget()
     cfg, twin, train_size = _settings()
-    common.set_train_config(cfg, dataset, twin=twin, train_size=train_size, folder=folder)
-    _controls(runs.active_job(), (dataset, folder, cfg, twin, train_size))
-    runs.collect_trained()  # also done by the shared frame; here for when the page runs on its own
-    jobs = runs.session_jobs()
-    job = _pick_run(jobs)
+    state.set_train_config(cfg, dataset, twin=twin, train_size=train_size, folder=folder)
+    _controls(jobs.active_job(), (dataset, folder, cfg, twin, train_size))
+    job_list = jobs.session_jobs()
+    job = _pick_run(job_list)
     if job is None:
         st.info("Press Start to train. The defaults finish in about a minute on a laptop CPU.")
         return
     active = job.active
     st.fragment(_live_view, run_every=REFRESH_S if active else None)(job.id, active)
     _exports(job)
-    _compare(jobs)
-
-
-common.run_page(render, "The Train page")
+    _compare(job_list)

@@ -1,6 +1,6 @@
 """The Train page's pure parts: the run settings it derives and the live charts it sends.
 
-Kept apart from ``app_pages/train.py`` (which renders the page when imported) so the benchmark and
+Kept apart from the widgets of ``app_pages/train.py`` so the benchmark and
 the tests use exactly what the page does; nothing here calls Streamlit. Every refresh of an active
 run ships these figures to the browser, so each series is thinned to at most ``LIVE_POINTS`` points:
 a 10-minute run (history capped at 500 points per series by ``resviz.jobs``) then costs about 250 KB
@@ -14,7 +14,7 @@ from dataclasses import replace
 import numpy as np
 import plotly.graph_objects as go
 
-from app_pages import jobs as runs
+from app_pages import jobs
 from resviz import TrainConfig, plots
 from resviz.train.records import JobSnapshot, Points
 
@@ -44,7 +44,7 @@ def probe_version(snap: JobSnapshot, net: str, key: str) -> tuple:
 
 def curves_figure(snap: JobSnapshot, points: int = LIVE_POINTS) -> go.Figure:
     """Train and test loss and accuracy of every net in the run."""
-    return plots.training_curves_figure(runs.curves(replace(snap, history=snap.history.thinned(points))))
+    return plots.training_curves_figure(jobs.curves(replace(snap, history=snap.history.thinned(points))))
 
 
 def flow_figure(snap: JobSnapshot, name: str, points: int = LIVE_POINTS) -> go.Figure | None:

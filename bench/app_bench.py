@@ -2,7 +2,7 @@
 the time to accuracy of the Train page's default run.
 
 The Train page's defaults, dataset loading, evaluation interval and charts are imported from the app
-itself (``app_pages.common``, ``app_pages.jobs``, ``app_pages.train_live``), so the headless runs
+itself (``app_pages.state``, ``app_pages.jobs``, ``app_pages.train_live``), so the headless runs
 and the simulated payload are exactly what a user's browser session gets.
 """
 
@@ -26,8 +26,7 @@ from typing import Any
 import numpy as np
 from timing import Row
 
-from app_pages import common, train_live
-from app_pages import jobs as runs
+from app_pages import jobs, state, train_live
 from resviz.jobs import TrainingJob
 from resviz.train.records import History, JobSnapshot, Series, Status
 
@@ -44,19 +43,19 @@ PROGRESS = re.compile(r"step (\d+)/(\d+) · epoch [\d.]+ · (\d+) images/s")
 
 
 def default_probe_every() -> int:
-    return common.DEFAULT_TRAIN.probe_every
+    return state.DEFAULT_TRAIN.probe_every
 
 
 # -- the default run, headless ----------------------------------------------------------------------
 def default_job() -> tuple[TrainingJob, float]:
     """The job the Train page's Start button submits with the defaults, and the seconds to load its data."""
     t0 = time.perf_counter()
-    bundle = runs.load_bundle(common.DEFAULT_DATASET, common.DEFAULT_NET.input_size, common.DEFAULT_TRAIN_SIZE,
-                              common.DEFAULT_TRAIN.seed)
+    bundle = jobs.load_bundle(state.DEFAULT_DATASET, state.DEFAULT_NET.input_size, state.DEFAULT_TRAIN_SIZE,
+                              state.DEFAULT_TRAIN.seed)
     load_s = time.perf_counter() - t0
-    net_cfg = common.with_dataset_shape(common.DEFAULT_NET, bundle.num_classes, bundle.channels)
-    cfg = replace(common.DEFAULT_TRAIN, eval_every=train_live.eval_every(len(bundle.train), common.DEFAULT_TRAIN))
-    return TrainingJob(net_cfg, bundle, cfg, twin=True, num_threads=runs.WORKER_THREADS), load_s
+    net_cfg = state.with_dataset_shape(state.DEFAULT_NET, bundle.num_classes, bundle.channels)
+    cfg = replace(state.DEFAULT_TRAIN, eval_every=train_live.eval_every(len(bundle.train), state.DEFAULT_TRAIN))
+    return TrainingJob(net_cfg, bundle, cfg, twin=True, num_threads=jobs.WORKER_THREADS), load_s
 
 
 def run_headless() -> dict[str, Any]:
@@ -104,7 +103,7 @@ class AppServer:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"streamlit exited with {self.proc.returncode}")
             try:
-                with urllib.request.urlopen(f"{self.url}/_stcore/health", timeout=5) as r:  # noqa: S310 - localhost
+                with urllib.request.urlopen(f"{self.url}/_stcore/health", timeout=5) as r:  # localhost
                     if r.read().strip() == b"ok":
                         return
             except OSError:

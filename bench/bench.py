@@ -40,7 +40,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402, N812
+import torch.nn.functional as F  # noqa: E402
 from timing import Row, best_ratio, interleaved, markdown_table, median_ratio, ms, paired  # noqa: E402
 from torch.utils.data import TensorDataset  # noqa: E402
 
@@ -50,7 +50,7 @@ from resviz.train.trainer import Trainer, build_nets  # noqa: E402
 SECTIONS = ("train", "twin", "inspect", "app", "tta", "gpu")
 NET = NetConfig(style="cifar", depth=20, width=16, num_classes=10, in_channels=3, input_size=32)
 BATCH = 128
-APP_PROBE_EVERY = 5  # the Train page's default (app_pages.common.DEFAULT_TRAIN.probe_every); checked in main()
+APP_PROBE_EVERY = 5  # the Train page's default (app_pages.state.DEFAULT_TRAIN.probe_every); checked in main()
 
 
 # -- machine ----------------------------------------------------------------------------------------

@@ -1,32 +1,48 @@
 """ResViz: see why residual networks work.
 
-The library never imports streamlit; everything the app shows is computed here.
+The library never imports streamlit; everything the app shows is computed here. What a script usually
+needs is importable from here: configs, nets and their plain twins, data, training, checkpoints,
+probes and the per-image inspection.
 """
 
+from resviz.analysis.inspection import Inspection, Lesion, explain, inspect_image
 from resviz.analysis.probes import Activations, BranchMagnitudes, GradientFlow, LiveProbes, SignalProp
 from resviz.config import BlockConfig, NetConfig, TrainConfig
 from resviz.data.datasets import DatasetBundle, DatasetUnavailable, load_dataset
 from resviz.nn.blocks import ResidualBlock
 from resviz.nn.models import ResNet, build_net, count_macs, count_params, from_torchvision, plain_twin
+from resviz.storage.checkpoints import CheckpointError, load_checkpoint, save_checkpoint
+from resviz.train import FitResult, Trainer, evaluate, fit
 
 __all__ = [
     "Activations",
+    "BlockConfig",
     "BranchMagnitudes",
+    "CheckpointError",
     "DatasetBundle",
     "DatasetUnavailable",
+    "FitResult",
     "GradientFlow",
+    "Inspection",
+    "Lesion",
     "LiveProbes",
-    "SignalProp",
-    "load_dataset",
-    "BlockConfig",
     "NetConfig",
     "ResNet",
     "ResidualBlock",
+    "SignalProp",
     "TrainConfig",
+    "Trainer",
     "build_net",
     "count_macs",
     "count_params",
+    "evaluate",
+    "explain",
+    "fit",
     "from_torchvision",
+    "inspect_image",
+    "load_checkpoint",
+    "load_dataset",
     "plain_twin",
+    "save_checkpoint",
 ]
 __version__ = "0.1.0"

@@ -9,6 +9,7 @@ Examples::
     python -m resviz study --list
     python -m resviz show runs/degradation
     python -m resviz pretrained
+    resviz app --port 8501                 # the Streamlit app on 127.0.0.1 (``resviz`` once installed)
 
 Progress goes to stderr (one updating line on a terminal, a line per 10% otherwise); tables and
 JSON go to stdout. Under torchrun only rank 0 prints and writes.
@@ -23,12 +24,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-from resviz import runtime
+from resviz import launch, runtime, zoo
 from resviz.storage.rundirs import dumps, load_run
 from resviz.train import distributed
 from resviz.train.records import StepRecord, curves, history_of
 
-PRETRAINED_SCRIPT = Path(__file__).resolve().parent.parent / "pretrained" / "make_pretrained.py"
+PRETRAINED_SCRIPT = zoo.PRETRAINED_DIR / "make_pretrained.py"
 TRAIN_FLAGS = {  # flag -> (section, field, type)
     "depth": ("net", "depth", int), "width": ("net", "width", int), "input_size": ("net", "input_size", int),
     "style": ("net", "style", str), "kind": ("block", "kind", str), "order": ("block", "order", str),
@@ -138,6 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("path")
     r = sub.add_parser("pretrained", help="regenerate pretrained/ (runs pretrained/make_pretrained.py)")
     r.add_argument("args", nargs=argparse.REMAINDER, help="passed on to make_pretrained.py")
+    a = sub.add_parser("app", help="start the Streamlit app on 127.0.0.1 (other streamlit flags are passed on)")
+    a.add_argument("--port", type=int, default=8501)
+    a.add_argument("--print-command", action="store_true", help="print the streamlit command line instead of running it")
     return p
 
 
@@ -272,15 +276,22 @@ def cmd_pretrained(args: argparse.Namespace, out: TextIO) -> int:
     return int(code or 0)
 
 
-COMMANDS = {"train": cmd_train, "study": cmd_study, "show": cmd_show, "pretrained": cmd_pretrained}
+def cmd_app(args: argparse.Namespace, out: TextIO) -> int:
+    if args.print_command:
+        out.write(" ".join(launch.app_command(args.port, args.args)) + "\n")
+        return 0
+    return launch.run_app(args.port, args.args)
+
+
+COMMANDS = {"train": cmd_train, "study": cmd_study, "show": cmd_show, "pretrained": cmd_pretrained, "app": cmd_app}
 
 
 def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     """Entry point of ``python -m resviz``; returns the exit status."""
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    if args.command == "pretrained":  # everything unknown goes on to make_pretrained.py
-        args.args = [*extra, *args.args]
+    if args.command in ("pretrained", "app"):  # everything unknown goes on to make_pretrained.py or streamlit
+        args.args = [*extra, *getattr(args, "args", [])]
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     # The process-wide settings of a CLI run (the library changes none): threads, allocator, cuDNN.

@@ -121,7 +121,13 @@ def load_upload(files: Sequence[tuple[str, bytes]]) -> tuple[ResNet, ModelInfo]:
 
 
 # -- shipped checkpoints ------------------------------------------------------------------------
-PRETRAINED_DIR = Path(__file__).resolve().parent.parent / "pretrained"  # override with $RESVIZ_PRETRAINED
+def _shipped_dir() -> Path:
+    """``resviz/pretrained`` inside an installed wheel, else ``pretrained/`` of the source checkout."""
+    here = Path(__file__).resolve().parent
+    return here / "pretrained" if (here / "pretrained").is_dir() else here.parent / "pretrained"
+
+
+PRETRAINED_DIR = _shipped_dir()  # override with $RESVIZ_PRETRAINED
 
 
 @dataclass(frozen=True)
@@ -235,7 +241,7 @@ def load_torchvision(arch: str, hub_dir: str | os.PathLike | None = None) -> tup
         state = torch.load(path, map_location="cpu", weights_only=True)
         tv = getattr(tvm, TORCHVISION_ARCHS[arch][0])()
         tv.load_state_dict(state)
-    except Exception as e:  # noqa: BLE001 - any damage to the file means the same thing to the user
+    except Exception as e:  # any damage to the file means the same thing to the user
         raise ModelUnavailableError(f"the weights file {path} could not be read ({type(e).__name__}); delete it and run: "
                                f"{download_command(arch)}") from e
     weights = _weights(arch, member)

@@ -1,4 +1,4 @@
-"""Shared helpers for the AppTest suites of the Design and Train pages."""
+"""Shared helpers for the AppTest suites: every page runs through the real router and frame of ``app.py``."""
 
 from __future__ import annotations
 
@@ -16,13 +16,31 @@ TINY = {"d": "8", "w": "4", "r": "16"}
 
 
 def app(params: dict[str, str] | None = None, page: str | None = None) -> AppTest:
-    """The whole app (router, sidebar, URL state) run once, optionally on another page."""
+    """The whole app (router, sidebar, URL state) run once, optionally on another page (its URL path)."""
     at = AppTest.from_file(APP, default_timeout=TIMEOUT)
     at.query_params.update(params or {})
     at.run()
     if page is not None:
-        at.switch_page(page).run()
+        goto(at, page).run()
     return at
+
+
+def goto(at: AppTest, url_path: str) -> AppTest:
+    """Open the page registered under ``url_path`` ("" is the default page) on the next run.
+
+    ``AppTest.switch_page`` finds pages by file only; a page that is a function is known to
+    ``st.navigation`` by the hash of its URL path, which is what a browser's page change sends.
+    """
+    hashes = {info.get("url_pathname"): h for h, info in at._registered_pages.items()}
+    if url_path not in hashes:
+        raise ValueError(f"no page at {url_path!r}; the navigation has {sorted(map(str, hashes))}")
+    at._page_hash = hashes[url_path]
+    return at
+
+
+def navigation(at: AppTest) -> list[tuple[str, str]]:
+    """(URL path, title) of every page the last run's ``st.navigation`` registered, in menu order."""
+    return [(info["url_pathname"], info["page_name"]) for info in at._registered_pages.values()]
 
 
 def ok(at: AppTest) -> AppTest:

@@ -19,7 +19,7 @@ def test_default_page_shows_everything() -> None:
     at = ok(app())
     assert len(at.get("plotly_chart")) == 3  # architecture, signal propagation, gradient norms
     assert len(at.latex) == 3 and r"\mathrm{ReLU}" in at.latex[0].value
-    from app_pages.common import DEFAULT_NET
+    from app_pages.state import DEFAULT_NET
 
     assert metric(at, "Parameters") == f"{summarize(DEFAULT_NET).params:,}"
     assert any("Device: **cpu**" in c.value for c in at.sidebar.caption)
@@ -39,7 +39,7 @@ def test_depth_changes_param_count_and_url() -> None:
     at.select_slider(key="d_depth").set_value(20).run()
     ok(at)
     big = metric(at, "Parameters")
-    from app_pages.common import DEFAULT_NET
+    from app_pages.state import DEFAULT_NET
 
     expected = summarize(replace(DEFAULT_NET, depth=20, width=4, input_size=16)).params
     assert big == f"{expected:,}" and int(big.replace(",", "")) > int(small.replace(",", ""))
@@ -61,7 +61,7 @@ def test_bad_url_gives_warning_and_defaults() -> None:
     at = app({"d": "abc", "w": "8"})
     assert not at.exception and not at.error
     assert any("depth" in w.value for w in at.warning)
-    from app_pages.common import DEFAULT_NET
+    from app_pages.state import DEFAULT_NET
 
     assert metric(at, "Parameters") == f"{summarize(DEFAULT_NET).params:,}"
 
@@ -91,12 +91,12 @@ def test_link_reproduces_the_configuration() -> None:
 
 
 def test_page_errors_become_messages(monkeypatch: pytest.MonkeyPatch) -> None:
-    import resviz.nn.equations
+    from app_pages import design
 
     def boom(_cfg: object) -> None:
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(resviz.nn.equations, "block_equation", boom)
+    monkeypatch.setattr(design, "block_equation", boom)  # the page's own name for resviz.nn.equations.block_equation
     at = app(TINY)
     assert not at.exception
     assert any("boom" in e.value for e in at.error)

@@ -10,7 +10,7 @@ from apphelpers import ROOT, TINY, app, kinds, ok
 
 from resviz.experiments.runner import run_study
 
-PAGE = "app_pages/experiments.py"
+PAGE = "experiments"
 
 
 @pytest.fixture(autouse=True)

@@ -4,28 +4,24 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 
 import pytest
 import torch
+from apphelpers import ROOT, app
 from streamlit.testing.v1 import AppTest
 
 from resviz import NetConfig, build_net, zoo
 from resviz.storage.checkpoints import save_checkpoint
 
-ROOT = Path(__file__).resolve().parents[1]
-PAGE = str(ROOT / "app_pages" / "inspection.py")
-TIMEOUT = 120
-
 
 @pytest.fixture(autouse=True)
 def _importable(monkeypatch):
-    monkeypatch.syspath_prepend(str(ROOT))  # the page imports app_pages.common
+    monkeypatch.syspath_prepend(str(ROOT))  # app.py imports app_pages
 
 
 def _page() -> AppTest:
-    at = AppTest.from_file(PAGE, default_timeout=TIMEOUT)
-    at.run()
+    """The Inspect page through the app's router and frame, with the default configuration."""
+    at = app(page="inspect")
     assert not at.exception, at.exception
     return at
 
@@ -62,7 +58,7 @@ def test_default_model_shows_maps_and_predictions():
     expected = "pretrained" if shipped else "untrained"  # the real shipped checkpoint once it exists
     assert at.radio(key="i_source").value == expected
     if shipped:  # a residual net on the session's dataset comes first
-        from app_pages.common import DEFAULT_DATASET
+        from app_pages.state import DEFAULT_DATASET
 
         first = next((m for m in shipped if m.dataset == DEFAULT_DATASET and m.kind != "plain"), shipped[0])
         assert any(first.name in c.value for c in at.caption)
@@ -222,7 +218,7 @@ def test_torchvision_without_weights_says_how_to_get_them(monkeypatch, tmp_path)
 
 
 def test_trained_model_from_session():
-    from app_pages.common import TRAINED, TrainedModel
+    from app_pages.state import TRAINED, TrainedModel
 
     torch.manual_seed(0)
     net = build_net(NetConfig(depth=8, width=4, num_classes=2, input_size=16)).eval()
@@ -239,7 +235,7 @@ def test_trained_model_from_session():
 
 
 def test_unavailable_dataset_is_an_error_message(monkeypatch, tmp_path):
-    from app_pages.common import DATASET
+    from app_pages.state import DATASET
 
     monkeypatch.setenv("RESVIZ_DATA", str(tmp_path))  # an empty data folder: CIFAR-10 is missing
     at = _page()

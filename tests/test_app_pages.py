@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import ast
 import re
 
 import pytest
-from apphelpers import ROOT, TINY, app, ok
+from apphelpers import ROOT, TINY, app, navigation, ok
 
-NAV_PAGES = [p for p in re.findall(r'"(app_pages/\w+\.py)"', (ROOT / "app.py").read_text()) if (ROOT / p).is_file()]
+NAV_PAGES = ["", "train", "inspect", "experiments"]  # the URL paths every shared link uses
 
 
 @pytest.fixture(autouse=True)
@@ -15,8 +16,8 @@ def _importable(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.syspath_prepend(str(ROOT))
 
 
-def test_navigation_lists_the_core_pages() -> None:
-    assert NAV_PAGES[:3] == ["app_pages/design.py", "app_pages/train.py", "app_pages/inspection.py"]
+def test_navigation_lists_the_pages_in_order() -> None:
+    assert navigation(app(TINY)) == list(zip(NAV_PAGES, ["Design", "Train", "Inspect", "Experiments"], strict=True))
 
 
 @pytest.mark.parametrize("page", NAV_PAGES)
@@ -34,3 +35,44 @@ def test_resviz_never_imports_streamlit() -> None:
 
 def test_app_router_has_no_torch_logic() -> None:
     assert not re.search(r"^\s*(import|from)\s+(torch|resviz)", (ROOT / "app.py").read_text(), re.M)
+
+
+def _app_pages_imports() -> dict[str, set[str]]:
+    """Which modules of ``app_pages`` each module of ``app_pages`` imports (at any depth of its code)."""
+    graph: dict[str, set[str]] = {}
+    for path in (ROOT / "app_pages").glob("*.py"):
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module == "app_pages":
+                deps |= {alias.name for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("app_pages."):
+                deps.add(node.module.split(".")[1])
+            elif isinstance(node, ast.Import):
+                deps |= {a.name.split(".")[1] for a in node.names if a.name.startswith("app_pages.")}
+        graph[path.stem] = deps
+    return graph
+
+
+def test_app_pages_have_no_import_cycle_and_state_is_the_bottom_layer() -> None:
+    graph = _app_pages_imports()
+    assert graph["state"] == set(), "the session-state module imports nothing from app_pages"
+    done: set[str] = set()
+
+    def visit(name: str, path: tuple[str, ...]) -> None:
+        assert name not in path, f"import cycle: {' -> '.join((*path, name))}"
+        if name not in done:
+            for dep in graph.get(name, ()):
+                visit(dep, (*path, name))
+            done.add(name)
+
+    for name in graph:
+        visit(name, ())
+
+
+def test_pages_render_only_when_called() -> None:
+    """A page module defines ``render`` and draws nothing at import: the router owns the frame."""
+    for name in ("design", "train", "inspection", "experiments"):
+        tree = ast.parse((ROOT / "app_pages" / f"{name}.py").read_text())
+        calls = [n for n in tree.body if isinstance(n, ast.Expr) and isinstance(n.value, ast.Call)]
+        assert calls == [], f"app_pages/{name}.py runs code at import"
+        assert any(isinstance(n, ast.FunctionDef) and n.name == "render" for n in tree.body)

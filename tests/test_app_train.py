@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
-from apphelpers import ROOT, TINY, app, kinds, metric, ok, poll
+from apphelpers import ROOT, TINY, app, goto, kinds, metric, ok, poll
 from streamlit.testing.v1 import AppTest
 
-PAGE = "app_pages/train.py"
+PAGE = "train"
 # ResViz-8, width 4, 16x16 shapes: 500 images, batch 32, 2 epochs = 30 steps of both nets in a few seconds.
 RUN = {**TINY, "bs": "32", "nt": "500", "ep": "2"}
 
@@ -17,11 +17,11 @@ RUN = {**TINY, "bs": "32", "nt": "500", "ep": "2"}
 def _fresh_registry(monkeypatch: pytest.MonkeyPatch):
     """Each test gets its own job registry; every job it started is stopped afterwards."""
     monkeypatch.syspath_prepend(str(ROOT))
-    from app_pages import jobs as runs
+    from app_pages import jobs
 
-    runs.registry.clear()  # releasing the cached registry shuts its jobs down
+    jobs.registry.clear()  # releasing the cached registry shuts its jobs down
     yield
-    runs.registry.clear()
+    jobs.registry.clear()
 
 
 def _status(at: AppTest) -> str:
@@ -55,26 +55,26 @@ def test_short_run_completes_and_hands_nets_to_inspect() -> None:
     net, info = next(iter(models.values()))
     assert not net.training and info["dataset"] == "shapes" and info["input_size"] == 16
     assert models[at.session_state["selected_model"]].info["role"] == "residual"  # Inspect opens on it
-    at.switch_page("app_pages/design.py").run()  # training results survive a page switch
-    at.switch_page(PAGE).run()
+    goto(at, "").run()  # training results survive a page switch (to Design and back)
+    goto(at, PAGE).run()
     ok(at)
     assert _status(at) == "finished"
 
 
 def test_exports_are_real_files() -> None:
-    from app_pages import jobs as runs
+    from app_pages import jobs
 
     at = ok(app(RUN, PAGE))
     at.button(key="t_start").click().run()
     poll(at, lambda a: any("finished" in s.value for s in a.success))
-    job = runs.registry().jobs_for(at.session_state["session_id"])[-1]
-    doc = json.loads(runs.config_json(job))
+    job = jobs.registry().jobs_for(at.session_state["session_id"])[-1]
+    doc = json.loads(jobs.config_json(job))
     assert doc["net"]["depth"] == 8 and doc["train"]["batch_size"] == 32 and doc["twin"] is True
-    csv = runs.metrics_csv(job.snapshot()).splitlines()
+    csv = jobs.metrics_csv(job.snapshot()).splitlines()
     assert csv[0].startswith("step,") and "residual/test_acc" in csv[0] and len(csv) == 31
     from resviz.storage.checkpoints import load_checkpoint_bytes
 
-    net, meta = load_checkpoint_bytes(runs.checkpoint_bytes(job, "plain"), filename="plain.safetensors")
+    net, meta = load_checkpoint_bytes(jobs.checkpoint_bytes(job, "plain"), filename="plain.safetensors")
     assert net.cfg.is_plain and meta["dataset"]["name"] == "shapes"
 
 
@@ -93,10 +93,10 @@ def test_pause_resume_stop() -> None:
 
 
 def test_global_cap_and_session_release(monkeypatch: pytest.MonkeyPatch) -> None:
-    from app_pages import jobs as runs
+    from app_pages import jobs
 
     monkeypatch.setenv("RESVIZ_MAX_JOBS", "1")
-    runs.registry.clear()
+    jobs.registry.clear()
     first = ok(app({**RUN, "ep": "50"}, PAGE))
     first.button(key="t_start").click().run()
     second = ok(app(RUN, PAGE))
@@ -104,10 +104,10 @@ def test_global_cap_and_session_release(monkeypatch: pytest.MonkeyPatch) -> None
     assert any("already going" in e.value for e in second.error)
     # what the session-scoped handle does when the first session ends
     sid = first.session_state["session_id"]
-    job = runs.registry().jobs_for(sid)[-1]
-    runs._release(runs.SessionHandle(sid, runs.registry()))
+    job = jobs.registry().jobs_for(sid)[-1]
+    jobs._release(jobs.SessionHandle(sid, jobs.registry()))
     assert job.status == "stopped" and not job.alive
-    assert runs.registry().jobs_for(sid) == []
+    assert jobs.registry().jobs_for(sid) == []
 
 
 def test_missing_folder_is_a_message() -> None:
@@ -123,7 +123,7 @@ def test_missing_folder_is_a_message() -> None:
 def test_training_goes_on_while_other_pages_are_shown() -> None:
     at = ok(app(RUN, PAGE))
     at.button(key="t_start").click().run()
-    at.switch_page("app_pages/design.py").run()
+    goto(at, "").run()  # the Design page
     ok(at)
     assert any("Training ResNet-8" in p.proto.text for p in at.sidebar.get("progress")) or at.session_state["trained_models"]
     poll(at, lambda a: len(a.session_state["trained_models"]) == 2)  # handed over by the shared frame
@@ -139,11 +139,11 @@ def test_odd_values_from_a_link_are_kept_and_bad_ones_warned() -> None:
 
 
 def test_url_keys_do_not_collide() -> None:
-    from app_pages import common
+    from app_pages import state
     from resviz import urlconfig
 
     keys = [*urlconfig.NET_KEYS, *urlconfig.BLOCK_KEYS, urlconfig.SKIPS_KEY, *urlconfig.TRAIN_KEYS,
-            common.DATASET_KEY, common.TWIN_KEY, common.SIZE_KEY]
+            state.DATASET_KEY, state.TWIN_KEY, state.SIZE_KEY]
     assert len(keys) == len(set(keys))
 
 

@@ -1,5 +1,6 @@
 """Blocks and networks: every variant builds and trains; oracles against a hand-written block and torchvision."""
 
+import contextlib
 import itertools
 import subprocess
 import sys
@@ -213,6 +214,24 @@ def test_zero_init_last_makes_every_block_start_as_its_shortcut():
     for blk in net.blocks:
         x = torch.randn(2, blk.cin, 8, 8)
         assert blk.branch(x).abs().max() == 0
+
+
+def _valid_blocks(**fixed: object) -> list[BlockConfig]:
+    configs = []
+    for kind, norm, order in itertools.product(KINDS, NORMS, ORDERS):
+        with contextlib.suppress(ValueError):  # an invalid combination, e.g. BN after the addition without a norm
+            configs.append(BlockConfig(kind=kind, norm=norm, order=order, **fixed))
+    return configs
+
+
+@pytest.mark.parametrize("cfg", _valid_blocks(zero_init_last=True), ids=lambda c: f"{c.kind}-{c.norm}-{c.order}")
+def test_each_block_zero_inits_its_own_last_layer(cfg: BlockConfig):
+    """The layer a block names is F's last layer with a weight, and zeroing it makes F(x) = 0."""
+    blk = ResidualBlock(cfg, 8, 8).eval()
+    weighted = [name for name, m in blk.branch.named_children() if isinstance(m, (nn.Conv2d, nn.BatchNorm2d, nn.GroupNorm))]
+    assert blk.last_layer == weighted[-1]
+    assert not getattr(blk.branch, blk.last_layer).weight.any()
+    assert blk.branch(torch.randn(2, 8, 8, 8)).abs().max() == 0
 
 
 def test_rezero_starts_as_identity_and_fixed_alpha_scales_branch():

@@ -9,7 +9,7 @@ from contextlib import ExitStack
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F  # noqa: N812
+import torch.nn.functional as F
 from torch import nn
 
 from resviz import BlockConfig, NetConfig, build_net, from_torchvision

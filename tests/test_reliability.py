@@ -261,11 +261,11 @@ def test_overflow_is_reported_and_clean_passes_report_nothing() -> None:
 def _app_env(monkeypatch: pytest.MonkeyPatch):
     """The app's modules importable; each test gets its own job registry, and every job it started stops."""
     monkeypatch.syspath_prepend(str(ROOT))
-    from app_pages import jobs as runs
+    from app_pages import jobs
 
-    runs.registry.clear()
-    yield runs
-    runs.registry.clear()
+    jobs.registry.clear()
+    yield jobs
+    jobs.registry.clear()
 
 
 def _chart_specs(at) -> list[dict]:
@@ -274,9 +274,9 @@ def _chart_specs(at) -> list[dict]:
 
 
 def _inspect_trained(net, info: dict):
-    from app_pages.common import TRAINED, TrainedModel
+    from app_pages.state import TRAINED, TrainedModel
 
-    at = app(TINY, "app_pages/inspection.py")
+    at = app(TINY, "inspect")
     at.session_state[TRAINED] = {"run 1": TrainedModel(net, info)}
     at.radio(key="i_source").set_value("trained")
     at.radio(key="i_image_source").set_value("Built-in picture")
@@ -325,7 +325,7 @@ def test_experiments_page_opens_run_folders_cut_off_mid_write(_app_env, tmp_path
     study.mkdir()
     (study / "result.json").write_text('{"study": "degradation", "rows": [{"depth": 8, "pla')
     monkeypatch.setenv("RESVIZ_RUNS", str(tmp_path))
-    at = ok(app(TINY, "app_pages/experiments.py"))
+    at = ok(app(TINY, "experiments"))
     for folder, expect in ((run, ["2 metrics lines", "last line is incomplete"]), (study, ["result.json could not be read"])):
         at.selectbox(key="x_run").set_value(folder)
         ok(at.run())
@@ -335,7 +335,7 @@ def test_experiments_page_opens_run_folders_cut_off_mid_write(_app_env, tmp_path
 
 
 # -- the Train page: double clicks, divergence, links with values out of range ---------------------------
-TRAIN = "app_pages/train.py"
+TRAIN = "train"
 RUN = {**TINY, "bs": "32", "nt": "500"}
 LONG = {**TINY, "bs": "16", "nt": "1000", "ep": "50"}  # 3,100 steps: minutes, unless stopped
 
@@ -348,22 +348,22 @@ def _status(at) -> str:
 def test_start_and_stop_clicked_again_make_one_job_and_stop_it_cleanly(_app_env) -> None:
     """A click that arrives again before the page has redrawn finds the job already there (the browser
     version, a real double click, is in tests/e2e/test_load.py)."""
-    runs = _app_env
+    app_jobs = _app_env
     at = ok(app(LONG, TRAIN))
     at.button(key="t_start").click().run()
     ok(at)
     sid = at.session_state["session_id"]
-    jobs = runs.registry().jobs_for(sid)
+    jobs = app_jobs.registry().jobs_for(sid)
     assert len(jobs) == 1 and at.button(key="t_start").disabled
     again = TrainingJob(jobs[0].net_cfg, jobs[0].data, jobs[0].train_cfg)  # what the second click's _start submits
-    assert runs.registry().submit(sid, again) is jobs[0] and not again.alive
+    assert app_jobs.registry().submit(sid, again) is jobs[0] and not again.alive
     poll(at, lambda a: _status(a) == "running")
     at.button(key="t_stop").click().run()
     if not at.button(key="t_stop").disabled:  # the worker had not finished its step when the page redrew
         at.button(key="t_stop").click().run()
     poll(at, lambda a: any("stopped" in w.value for w in a.warning))
-    assert runs.registry().jobs_for(sid) == jobs and jobs[0].status == "stopped"
-    assert jobs[0].join(10) and not jobs[0].alive and runs.registry().active_count() == 0
+    assert app_jobs.registry().jobs_for(sid) == jobs and jobs[0].status == "stopped"
+    assert jobs[0].join(10) and not jobs[0].alive and app_jobs.registry().active_count() == 0
     assert not at.button(key="t_start").disabled
 
 
@@ -459,23 +459,23 @@ def _short_session_ttl():
 
 
 def test_a_dropped_connection_keeps_the_job_and_a_closed_tab_stops_it(_app_env, _short_session_ttl) -> None:
-    runs, ttl = _app_env, _short_session_ttl
+    app_jobs, ttl = _app_env, _short_session_ttl
     at = ok(app(LONG, TRAIN))
     at.button(key="t_start").click().run()
     sid = at.session_state["session_id"]
-    job = runs.registry().jobs_for(sid)[0]
+    job = app_jobs.registry().jobs_for(sid)[0]
     _disconnect_every_session()  # the websocket drops ...
-    assert runs.registry().pending_releases() == [sid] and job.active  # ... the job waits for the session TTL
+    assert app_jobs.registry().pending_releases() == [sid] and job.active  # ... the job waits for the session TTL
     ok(at.run())  # ... and the browser reconnects: its next run reclaims the job
-    assert runs.registry().pending_releases() == []
+    assert app_jobs.registry().pending_releases() == []
     time.sleep(ttl + 0.5)
-    assert runs.registry().jobs_for(sid) == [job] and job.active and _status(at) in ("running", "pending")
+    assert app_jobs.registry().jobs_for(sid) == [job] and job.active and _status(at) in ("running", "pending")
 
     _disconnect_every_session()  # the tab is closed: nothing comes back
     t0 = time.monotonic()
     _until(lambda: not job.alive, ttl + 30)
     assert time.monotonic() - t0 > ttl - 0.5
-    assert job.status == "stopped" and runs.registry().jobs_for(sid) == [] and runs.registry().active_count() == 0
+    assert job.status == "stopped" and app_jobs.registry().jobs_for(sid) == [] and app_jobs.registry().active_count() == 0
 
 
 # -- reproducibility ------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ import torch
 
 from resviz.analysis.probes import gradient_norms_by_layer, signal_prop
 from resviz.config import NetConfig
-from resviz.nn.models import ResNet, build_net, count_macs, count_params
+from resviz.nn.models import ResNet, build_net, count_macs, count_params, plain_twin
 
 # Forward multiply-accumulates one measurement may spend per net; the batch shrinks for big nets so
 # the Design page stays interactive on a laptop CPU (ResNet-56 at 32x32, width 16 gets 6 images).
@@ -109,8 +109,7 @@ def init_comparison(cfg: NetConfig, *, batch_size: int | None = None, seed: int 
     batch_size, size = batch_size or auto_batch, measured.input_size
     torch.manual_seed(seed)
     residual = build_net(measured.residual_twin() if measured.is_plain else measured)
-    plain = build_net(measured.plain_twin())
-    plain.load_state_dict(residual.state_dict())  # identical weights: only the skips differ
+    plain = plain_twin(residual, same_weights=True)  # identical weights: only the skips differ
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(batch_size, cfg.in_channels, size, size, generator=gen)  # (N, C, H, W)
     y = torch.randint(0, cfg.num_classes, (batch_size,), generator=gen)

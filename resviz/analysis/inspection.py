@@ -22,7 +22,6 @@ from resviz.analysis.attribution import attribute, eval_mode
 from resviz.analysis.probes import Activations, BranchMagnitudes
 from resviz.nn.models import ResNet
 
-MAP_KINDS = ("f", "s", "sum")  # F(x), S(x), F(x) + S(x) at a block's merge point
 CHANNEL_ORDERS = ("index", "strongest")
 
 _LOCKS: weakref.WeakKeyDictionary[nn.Module, threading.RLock] = weakref.WeakKeyDictionary()

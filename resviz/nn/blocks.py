@@ -11,10 +11,10 @@ from __future__ import annotations
 from collections import OrderedDict
 
 import torch
-import torch.nn.functional as F  # noqa: N812  (the functional API; F(x) in docs is the branch)
+import torch.nn.functional as F  # the functional API; F(x) in the docs is the branch
 from torch import nn
 
-from resviz.config import PRE_ORDERS, BlockConfig
+from resviz.config import BlockConfig
 
 
 def make_act(name: str) -> nn.Module:
@@ -132,6 +132,10 @@ class ResidualBlock(nn.Module):
         self.drop_prob = drop_prob
         self.drop_generator: torch.Generator | None = None  # where stochastic depth draws (the Trainer sets one)
         self.branch = self._make_branch(cin, planes, stride)
+        # The layer of F that zero_init_last zeroes so that F(x) = 0 at init: its last norm, or its last conv
+        # when no norm follows that conv (pre-activation, BN after the addition, no norm at all).
+        norm_last = cfg.norm != "none" and cfg.order in ("post", "relu_before_add", "relu_only_pre")
+        self.last_layer = f"{'norm' if norm_last else 'conv'}{2 if cfg.kind == 'basic' else 3}"
         self.shortcut = self._make_shortcut(cin, self.cout, stride)
         self.merge = Add()
         self.post = self._make_post(self.cout)
@@ -186,9 +190,8 @@ class ResidualBlock(nn.Module):
         return nn.Identity()  # relu_before_add and the pre-activation orders add last
 
     def zero_init_last(self) -> None:
-        """Zero the last norm's weight of F (or its last conv when no norm follows it)."""
-        mods = [m for m in self.branch if not isinstance(m, (nn.Identity, Scale)) and m.__class__.__name__ not in _ACT_NAMES]
-        nn.init.zeros_(mods[-1].weight)  # a BatchNorm/GroupNorm scale or a conv kernel
+        """Zero the weight of ``self.last_layer``: F's last norm, or its last conv when no norm follows it."""
+        nn.init.zeros_(getattr(self.branch, self.last_layer).weight)  # a BatchNorm/GroupNorm scale or a conv kernel
 
     @property
     def has_projection(self) -> bool:
@@ -204,10 +207,3 @@ class ResidualBlock(nn.Module):
 
     def extra_repr(self) -> str:
         return f"skip={self.skip}, removed={self.removed}, drop_prob={self.drop_prob:.3f}"
-
-
-_ACT_NAMES = {"ReLU", "GELU", "SiLU", "ELU", "LeakyReLU", "Tanh"}
-
-
-def is_pre_order(cfg: BlockConfig) -> bool:
-    return cfg.order in PRE_ORDERS

@@ -103,9 +103,16 @@ def build_net(cfg: NetConfig) -> ResNet:
     return ResNet(cfg)
 
 
-def plain_twin(net: ResNet) -> ResNet:
-    """A fresh net with the same layers as ``net`` and every skip connection off."""
-    return build_net(net.cfg.plain_twin())
+def plain_twin(net: ResNet, *, same_weights: bool = False) -> ResNet:
+    """A net with the same layers as ``net`` and every skip connection off (He et al.'s plain baseline).
+
+    Freshly initialised, or with ``same_weights`` a copy of ``net``'s weights, so that the pair differs
+    only in its skip connections (how the app and the studies pair a net with its twin).
+    """
+    twin = build_net(net.cfg.plain_twin())
+    if same_weights:
+        twin.load_state_dict(net.state_dict())
+    return twin
 
 
 def count_params(net: nn.Module, trainable_only: bool = True) -> int:

@@ -267,7 +267,7 @@ def _config(meta: dict[str, Any]) -> NetConfig:
     """The net config a checkpoint describes; any malformed field (wrong type, null block, ...) is refused."""
     try:
         cfg = NetConfig.from_dict(meta["net"])
-    except Exception as e:  # noqa: BLE001 - the file is untrusted: whatever its fields make the config raise is its fault
+    except Exception as e:  # the file is untrusted: whatever its fields make the config raise is its fault
         raise CheckpointError(f"the checkpoint's net config is invalid: {str(e)[:200]}") from None
     if cfg.num_blocks > MAX_BLOCKS or cfg.input_size > MAX_INPUT_SIZE:
         raise CheckpointError(f"the checkpoint's net is too large for this app ({cfg.num_blocks} blocks, "
@@ -285,7 +285,7 @@ def _build(meta: dict[str, Any], state: dict[str, torch.Tensor]) -> ResNet:
     try:
         with torch.device("meta"):
             shapes = build_net(cfg)
-    except Exception as e:  # noqa: BLE001 - e.g. a float width that validation let through
+    except Exception as e:  # e.g. a float width that validation let through
         raise CheckpointError(f"the checkpoint's net config cannot be built: {str(e)[:200]}") from None
     check_state_dict(shapes, state)
     net = build_net(cfg)

@@ -39,7 +39,7 @@ from torch import nn
 
 from resviz.analysis.probes import LiveProbes
 from resviz.config import NetConfig, TrainConfig
-from resviz.nn.models import build_net
+from resviz.nn.models import build_net, plain_twin
 from resviz.train.cuda_graphs import GraphLoop, unsupported_reason
 from resviz.train.loops import EagerLoop, Loop, Parallel
 from resviz.train.records import Status, StepRecord
@@ -207,8 +207,7 @@ def build_nets(net_cfg: NetConfig, *, twin: bool = True, seed: int = 0) -> dict[
         net = build_net(net_cfg.residual_twin() if twin and net_cfg.is_plain else net_cfg)
         if not twin:
             return {"plain" if net_cfg.is_plain else "residual": net}
-        plain = build_net(net_cfg.plain_twin())
-    plain.load_state_dict(net.state_dict())  # same start: only the skip connections differ
+        plain = plain_twin(net, same_weights=True)  # same start: only the skip connections differ
     return {"residual": net, "plain": plain}
 
 

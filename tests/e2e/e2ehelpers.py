@@ -59,7 +59,7 @@ def free_port() -> int:
 
 
 def http_get(url: str, timeout: float = 5.0) -> tuple[int, bytes]:
-    with urllib.request.urlopen(url, timeout=timeout) as r:  # noqa: S310 - localhost only
+    with urllib.request.urlopen(url, timeout=timeout) as r:  # localhost only
         return r.status, r.read()
 
 

@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 from e2ehelpers import (
     PLOT,
-    ROOT,
     TINY,
     TINY_RUN,
     assert_no_exception,
@@ -106,8 +105,6 @@ def _choose(page, combobox: str, option: str) -> None:
      ("experiments", "Experiments", 0)],
 )
 def test_page_renders_without_exception(server, page, path: str, title: str, charts: int) -> None:
-    if path == "experiments" and not (ROOT / "app_pages" / "experiments.py").is_file():
-        pytest.skip("the Experiments page is not part of this build")
     open_page(page, page_url(server.url, path, TINY), "h1")
     if charts:
         poll(lambda: page.locator(PLOT).count() >= charts, 90, what=f"{charts} charts")

@@ -1,4 +1,6 @@
-"""Shared frame for the ResViz pages: session state, URL state, error guard, the job registry.
+"""The app's bottom layer: per-session state, the URL that mirrors it, the error guard, the machine's devices.
+
+Every other module of ``app_pages`` and ``app.py`` may import this one; it imports nothing from them.
 
 Session-state keys (initialised once per browser session by :func:`init_state`):
 
@@ -23,7 +25,7 @@ from __future__ import annotations
 import logging
 import os
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 from typing import Any, NamedTuple
@@ -160,16 +162,9 @@ def guard(what: str) -> Iterator[None]:
     """Turn any exception in the block into a short error message (logged with its traceback)."""
     try:
         yield
-    except Exception as e:  # noqa: BLE001 - the point is that nothing escapes to the browser
+    except Exception as e:  # the point is that nothing escapes to the browser
         log.exception("%s failed", what)
         st.error(f"{what} failed: {type(e).__name__}: {str(e)[:300]}")
-
-
-def run_page(render: Callable[[], None], title: str) -> None:
-    """Run a page body inside the error guard, with session state initialised."""
-    init_state()
-    with guard(title):
-        render()
 
 
 def trained_models() -> dict[str, TrainedModel]:
@@ -207,7 +202,7 @@ def with_dataset_shape(cfg: NetConfig, classes: int, channels: int) -> NetConfig
 @st.cache_resource(show_spinner=False)
 def devices() -> tuple[str, list[str]]:
     """The device training picks automatically and every device this machine offers."""
-    from resviz.train.trainer import resolve_device
+    from resviz.train import resolve_device
 
     auto = str(resolve_device("auto"))
     found = ["cpu"]
@@ -218,22 +213,3 @@ def devices() -> tuple[str, list[str]]:
         except (ValueError, RuntimeError):
             pass
     return auto, found
-
-
-ABOUT = (
-    "ResViz shows why residual networks work: design a block, watch it train next to its plain twin, "
-    "then look inside. Everything on screen is computed live by the `resviz` library."
-)
-
-
-def sidebar() -> None:
-    """The frame shared by every page: device, running job, server load, about."""
-    from app_pages import jobs as runs  # runs imports this module
-
-    auto, _found = devices()
-    with st.sidebar:
-        st.caption(f"Device: **{auto}** (picked automatically)")
-        runs.sync_session()
-        st.caption(runs.server_load(), help="Training runs going on this server for all users; "
-                   "Start is refused while every slot is taken.")
-        st.caption(ABOUT)

@@ -1,0 +1,1 @@
+"""The pages of the ResViz app: each module's ``render()`` draws one page inside the frame of ``app.py``."""
