@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections import OrderedDict
 
 import torch
-import torch.nn.functional as F  # noqa: N812  (the functional API; F(x) in docs is the branch)
+import torch.nn.functional as F  # the functional API; F(x) in the docs is the branch
 from torch import nn
 
 from resviz.config import BlockConfig
