@@ -22,7 +22,8 @@ from torch.utils.data import TensorDataset
 
 from resviz.config import NetConfig
 from resviz.data.datasets import DatasetUnavailable, load_dataset
-from resviz.data.images import LoadedImage, denormalize, fit_image, to_model_input
+from resviz.data.images import LoadedImage
+from resviz.data.preprocess import Normalization, image_to_input
 from resviz.nn.models import ResNet, build_net, from_torchvision
 from resviz.storage.checkpoints import CheckpointError, checkpoint_paths, load_checkpoint, load_checkpoint_bytes
 
@@ -45,13 +46,20 @@ class ModelInfo:
     source: str  # "pretrained", "trained", "upload" or "torchvision"
     dataset: str  # dataset name, e.g. "shapes", "cifar10", "imagenet"
     classes: tuple[str, ...]  # class names by output index
-    mean: tuple[float, ...]  # per-channel normalisation, in [0, 1] units
-    std: tuple[float, ...]
+    norm: Normalization  # per-channel mean and std of the inputs, in [0, 1] units
     channels: int  # 1 (grey) or 3 (RGB)
     input_size: int  # side of the square input
     resize_size: int | None = None  # ImageNet style: resize to this, then center-crop input_size
     accuracy: float | None = None  # test accuracy in [0, 1], when known
     extra: dict[str, Any] = field(default_factory=dict, compare=False)  # anything else (configs, metrics)
+
+    @property
+    def mean(self) -> tuple[float, ...]:
+        return self.norm.mean
+
+    @property
+    def std(self) -> tuple[float, ...]:
+        return self.norm.std
 
 
 def _accuracy(d: Mapping[str, Any]) -> float | None:
@@ -80,8 +88,8 @@ def info_from_dict(d: Mapping[str, Any], *, name: str, source: str) -> ModelInfo
         raise ValueError(f"model metadata lacks {', '.join(missing)}")
     return ModelInfo(
         name=name, source=source, dataset=str(d.get("dataset") or d.get("name") or "unknown"),
-        classes=tuple(map(str, d["classes"])), mean=tuple(float(v) for v in np.ravel(d["mean"])),
-        std=tuple(float(v) for v in np.ravel(d["std"])), channels=int(d["channels"]), input_size=int(d["input_size"]),
+        classes=tuple(map(str, d["classes"])), norm=Normalization(d["mean"], d["std"]),
+        channels=int(d["channels"]), input_size=int(d["input_size"]),
         accuracy=_accuracy(d), extra=dict(d),
     )
 
@@ -94,7 +102,7 @@ def info_from_meta(meta: Mapping[str, Any], net: ResNet, *, name: str, source: s
     cfg = net.cfg
     return ModelInfo(
         name=name, source=source, dataset="unknown", classes=tuple(f"class {i}" for i in range(cfg.num_classes)),
-        mean=(0.5,) * cfg.in_channels, std=(0.5,) * cfg.in_channels, channels=cfg.in_channels,
+        norm=Normalization((0.5,) * cfg.in_channels, (0.5,) * cfg.in_channels), channels=cfg.in_channels,
         input_size=cfg.input_size, accuracy=_accuracy(meta), extra={"note": "no dataset information in the checkpoint"},
     )
 
@@ -249,7 +257,7 @@ def load_torchvision(arch: str, hub_dir: str | os.PathLike | None = None) -> tup
     acc = weights.meta.get("_metrics", {}).get("ImageNet-1K", {}).get("acc@1")
     info = ModelInfo(
         name=f"torchvision {arch} ({member})", source="torchvision", dataset="imagenet",
-        classes=tuple(weights.meta["categories"]), mean=tuple(t.mean), std=tuple(t.std), channels=3,
+        classes=tuple(weights.meta["categories"]), norm=Normalization(tuple(t.mean), tuple(t.std)), channels=3,
         input_size=int(t.crop_size[0]), resize_size=int(t.resize_size[0]), accuracy=None if acc is None else acc / 100,
     )
     return from_torchvision(tv).eval(), info
@@ -257,20 +265,24 @@ def load_torchvision(arch: str, hub_dir: str | os.PathLike | None = None) -> tup
 
 # -- images ------------------------------------------------------------------------------------
 def prepare_image(img: Image.Image | LoadedImage, info: ModelInfo) -> torch.Tensor:
-    """The normalised ``(1, C, H, W)`` input ``info``'s net expects (ImageNet: resize, then center-crop)."""
+    """The normalised ``(1, C, H, W)`` input ``info``'s net expects (ImageNet: resize, then center-crop).
+
+    The same resize and normalisation as the datasets' (:mod:`resviz.data.preprocess`).
+    """
     if isinstance(img, LoadedImage):
         img = img.image
-    if info.resize_size and info.resize_size > info.input_size:
-        img = fit_image(img.convert("RGB"), info.resize_size)  # shorter side -> resize_size, square crop
-        off = (info.resize_size - info.input_size) // 2
-        img = img.crop((off, off, off + info.input_size, off + info.input_size))
-    return to_model_input(img, info.mean, info.std, info.input_size, info.channels)
+    return image_to_input(img, _input_norm(info), info.input_size, resize_size=info.resize_size)
+
+
+def _input_norm(info: ModelInfo) -> Normalization:
+    """``info.norm`` for ``info.channels`` channels (a single stored value serves every channel)."""
+    n = info.norm
+    return n if n.channels == info.channels else Normalization.of(n.mean, n.std, info.channels)
 
 
 def as_picture(x: torch.Tensor, info: ModelInfo) -> np.ndarray:
     """The input as the net sees it, denormalised to an ``(H, W, 3)`` image in [0, 1]."""
-    return denormalize(x, info.mean, info.std)
-
+    return _input_norm(info).picture(x)
 
 
 def dataset_samples(info: ModelInfo, count: int | None = None, *, root: str | os.PathLike | None = None) -> TensorDataset:
@@ -293,6 +305,4 @@ def dataset_samples(info: ModelInfo, count: int | None = None, *, root: str | os
     if bundle.channels != info.channels:
         raise DatasetUnavailable(f"{info.dataset} has {bundle.channels} channel(s) but the model expects {info.channels}")
     x, y = bundle.test.tensors
-    mean = torch.tensor(info.mean, dtype=x.dtype).view(-1, 1, 1)
-    std = torch.tensor(info.std, dtype=x.dtype).view(-1, 1, 1)
-    return TensorDataset((bundle.denormalize(x) - mean) / std, y)  # (N, C, H, W) in the model's units
+    return TensorDataset(_input_norm(info).normalize(bundle.denormalize(x)), y)  # (N, C, H, W) in the model's units

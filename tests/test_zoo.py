@@ -11,6 +11,7 @@ import torch
 from resviz import NetConfig, build_net, zoo
 from resviz.data.datasets import DatasetUnavailable
 from resviz.data.images import sample_image
+from resviz.data.preprocess import Normalization
 from resviz.storage.checkpoints import CheckpointError, save_checkpoint
 
 DS_INFO = {"name": "shapes", "classes": ["a", "b", "c"], "mean": [0.5, 0.4, 0.3], "std": [0.2, 0.2, 0.2], "channels": 3,
@@ -105,8 +106,8 @@ def test_torchvision_from_hub_cache(tmp_path):
 
 
 def test_prepare_image_and_picture_round_trip():
-    info = zoo.ModelInfo(name="m", source="t", dataset="shapes", classes=("a",), mean=(0.5, 0.4, 0.3), std=(0.2, 0.3, 0.4),
-                         channels=3, input_size=32)
+    info = zoo.ModelInfo(name="m", source="t", dataset="shapes", classes=("a",),
+                         norm=Normalization((0.5, 0.4, 0.3), (0.2, 0.3, 0.4)), channels=3, input_size=32)
     img = sample_image("circle", 32)
     x = zoo.prepare_image(img, info)
     assert x.shape == (1, 3, 32, 32)
@@ -124,7 +125,7 @@ def test_dataset_samples_follow_the_recorded_recipe():
 
 
 def test_dataset_samples_match_the_model_normalisation():
-    info = zoo.ModelInfo(name="m", source="t", dataset="shapes", classes=("a",) * 8, mean=(0.5,) * 3, std=(0.25,) * 3,
+    info = zoo.ModelInfo(name="m", source="t", dataset="shapes", classes=("a",) * 8, norm=Normalization((0.5,) * 3, (0.25,) * 3),
                          channels=3, input_size=16)
     xs, ys = zoo.dataset_samples(info, count=12).tensors
     assert xs.shape == (12, 3, 16, 16) and ys.shape == (12,)

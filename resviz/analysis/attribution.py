@@ -8,8 +8,7 @@ Captum registers its hooks in ``try``/``finally``, so none survive, even when th
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,6 +16,9 @@ import torch
 import torch.nn.functional as F
 from captum.attr import IntegratedGradients, LayerAttribution, LayerGradCam, Occlusion, Saliency
 from torch import nn
+
+from resviz.nn.merge import junctions
+from resviz.nn.scoped import eval_mode
 
 METHODS = ("integrated_gradients", "saliency", "gradcam", "occlusion")
 SIGNS = ("absolute", "positive", "negative")
@@ -33,18 +35,6 @@ class Attribution:
     raw: torch.Tensor  # (C, H, W) input attribution; Grad-CAM: (1, h, w) at the block's resolution
     heatmap: torch.Tensor  # (H, W) at input resolution, in [0, 1] (divided by its maximum)
     delta: float | None = None  # IG only: sum(raw) - (f(x) - f(baseline)), the completeness error
-
-
-@contextmanager
-def eval_mode(net: nn.Module) -> Iterator[nn.Module]:
-    """Put ``net`` in eval mode; restore every module's own mode on exit."""
-    modes = [(m, m.training) for m in net.modules()]
-    net.eval()
-    try:
-        yield net
-    finally:
-        for m, training in modes:
-            m.training = training
 
 
 def _as_batch(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -94,10 +84,14 @@ def _gradcam(
     net: nn.Module, x: torch.Tensor, target: int, block: int | None, *, relu: bool = True,
     interpolate_mode: str = "bilinear",
 ) -> Result:
-    """Grad-CAM at the output of ``net.blocks[block]`` (default: the last block), upsampled to the input."""
-    blocks = getattr(net, "blocks", None)
-    if blocks is None or len(blocks) == 0:
-        raise ValueError("gradcam needs a net with a non-empty .blocks list")
+    """Grad-CAM at the output of block ``block`` (default: the last one), upsampled to the input.
+
+    Blocks are the parents of the net's merge modules, in :func:`resviz.nn.merge.junctions` order.
+    """
+    try:
+        blocks = [j.block for j in junctions(net)]
+    except ValueError as e:
+        raise ValueError(f"gradcam needs a net with residual blocks (merge modules): {e}") from None
     index = len(blocks) - 1 if block is None else block
     if not -len(blocks) <= index < len(blocks):
         raise ValueError(f"block {block} is out of range: the net has {len(blocks)} blocks")
@@ -130,7 +124,7 @@ _METHODS: dict[str, Callable[..., Result]] = {
 }
 
 
-def normalise_heatmap(values: torch.Tensor, sign: str = "absolute") -> torch.Tensor:
+def normalize_heatmap(values: torch.Tensor, sign: str = "absolute") -> torch.Tensor:
     """Keep the requested sign of a 2-D map and scale it into [0, 1] by its maximum.
 
     Non-finite values become 0; an all-zero map stays all zero.
@@ -150,11 +144,11 @@ def attribute(
     """Explain ``net``'s output for one image with a Captum method.
 
     Args:
-        net: any classifier; ``gradcam`` also needs ``net.blocks`` (a ResViz ``ResNet``).
+        net: any classifier; ``gradcam`` also needs residual blocks (merge modules, see :mod:`resviz.nn.merge`).
         x: one normalised image, (C, H, W) or (1, C, H, W).
         method: "integrated_gradients", "saliency", "gradcam" or "occlusion".
         target: class to explain; defaults to the predicted class.
-        block: Grad-CAM layer, an index into ``net.blocks`` (default: last); other methods ignore it.
+        block: Grad-CAM layer, a block index (the i-th merge's block; default: last); other methods ignore it.
         sign: which part of the map to show ("absolute", "positive", "negative"); a per-method default.
         **opts: method options: IG ``n_steps``, ``baseline``, ``internal_batch_size``, ``method``;
             Grad-CAM ``relu``, ``interpolate_mode``; Occlusion ``window``, ``stride``, ``baseline``,
@@ -166,7 +160,7 @@ def attribute(
     with eval_mode(net), torch.enable_grad():
         target = _check_target(net, x, target)
         raw, flat, delta = _METHODS[method](net, x, target, block, **opts)
-    heatmap = normalise_heatmap(flat, sign or _DEFAULT_SIGN[method])
+    heatmap = normalize_heatmap(flat, sign or _DEFAULT_SIGN[method])
     return Attribution(method=method, target=target, raw=raw.detach(), heatmap=heatmap, delta=delta)
 
 

@@ -2,91 +2,34 @@
 
 Everything here returns plain data (numpy arrays, floats, tuples) so the app can cache and plot it.
 Lesions (skip connections turned off, residual branches removed) are applied to the net's run-time
-flags inside :func:`lesioned`, which holds a per-net lock and restores every flag and module mode on
-exit: a net shared between app sessions is never left modified, and two sessions never interleave.
+flags inside :func:`resviz.nn.scoped.lesioned`, which holds a per-net lock and restores every flag and
+module mode on exit: a net shared between app sessions is never left modified, and two sessions never
+interleave. Nets are addressed through their merges (:mod:`resviz.nn.merge`), so any model whose blocks
+route F(x) + S(x) through a merge module can be inspected; block ``i`` is the i-th merge.
 """
 
 from __future__ import annotations
 
-import threading
-import weakref
-from collections.abc import Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from collections.abc import Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
 
-from resviz.analysis.attribution import attribute, eval_mode
+from resviz.analysis.attribution import attribute
 from resviz.analysis.probes import Activations, BranchMagnitudes
-from resviz.nn.models import ResNet
+from resviz.nn.merge import merges
+from resviz.nn.scoped import INTACT, Lesion, lesioned, net_lock
+
+__all__ = [
+    "CHANNEL_ORDERS", "INTACT", "BlockMaps", "Comparison", "Heatmap", "Inspection", "Lesion", "Prediction", "compare",
+    "explain", "inspect_image", "label_of", "lesioned", "net_lock", "nonfinite_problem", "pick_channels", "predict",
+    "removal_effects", "top_k",
+]
 
 CHANNEL_ORDERS = ("index", "strongest")
-
-_LOCKS: weakref.WeakKeyDictionary[nn.Module, threading.RLock] = weakref.WeakKeyDictionary()
-_LOCKS_GUARD = threading.Lock()
-
-
-def net_lock(net: nn.Module) -> threading.RLock:
-    """The lock that serialises every inspection of ``net`` (one per net object, created on first use)."""
-    with _LOCKS_GUARD:
-        lock = _LOCKS.get(net)
-        if lock is None:
-            lock = _LOCKS[net] = threading.RLock()
-        return lock
-
-
-@dataclass(frozen=True, kw_only=True)
-class Lesion:
-    """Run-time changes to a net, applied at inference without retraining.
-
-    ``skips``: one skip flag per block, or ``None`` to keep the net's own; ``removed``: indices of the
-    blocks whose residual branch F is dropped (``y = post(S(x))``).
-    """
-
-    skips: tuple[bool, ...] | None = None
-    removed: tuple[int, ...] = ()
-
-    def __post_init__(self) -> None:
-        if self.skips is not None:
-            object.__setattr__(self, "skips", tuple(bool(s) for s in self.skips))
-        object.__setattr__(self, "removed", tuple(sorted({int(i) for i in self.removed})))
-
-    def is_intact(self, net: ResNet) -> bool:
-        """Whether this lesion leaves ``net`` as it is."""
-        return not self.removed and (self.skips is None or self.skips == net.skips)
-
-    def describe(self, net: ResNet) -> str:
-        """A short human-readable summary, e.g. "skip off: 2, 5; removed: 7"."""
-        parts = []
-        if self.skips is not None:
-            changed = [i for i, (a, b) in enumerate(zip(self.skips, net.skips)) if a != b]
-            off = [i for i in changed if not self.skips[i]]
-            on = [i for i in changed if self.skips[i]]
-            parts += [f"skip off: {', '.join(map(str, off))}"] if off else []
-            parts += [f"skip on: {', '.join(map(str, on))}"] if on else []
-        if self.removed:
-            parts.append(f"removed: {', '.join(map(str, self.removed))}")
-        return "; ".join(parts) or "intact"
-
-
-INTACT = Lesion()
-
-
-@contextmanager
-def lesioned(net: ResNet, lesion: Lesion = INTACT) -> Iterator[ResNet]:
-    """Hold ``net``'s lock, switch to eval mode and apply ``lesion``; restore flags and modes on exit."""
-    with net_lock(net), eval_mode(net):
-        skips, removed = net.skips, tuple(blk.removed for blk in net.blocks)
-        try:
-            if lesion.skips is not None:
-                net.set_skips(lesion.skips)
-            net.set_removed(lesion.removed)
-            yield net
-        finally:
-            for blk, s, r in zip(net.blocks, skips, removed, strict=True):
-                blk.skip, blk.removed = s, r
 
 
 @dataclass(frozen=True)
@@ -168,7 +111,7 @@ def _block_maps(taps: dict[str, torch.Tensor | None], block: int, channels: int,
 
 
 def inspect_image(
-    net: ResNet, x: torch.Tensor, *, classes: Sequence[str] | None = None, lesion: Lesion = INTACT, k: int = 5,
+    net: nn.Module, x: torch.Tensor, *, classes: Sequence[str] | None = None, lesion: Lesion = INTACT, k: int = 5,
     block: int | None = 0, channels: int = 16, channel_order: str = "index", channel_start: int = 0,
 ) -> Inspection:
     """Run one image through ``net`` (with ``lesion`` applied) and record what the Inspect page shows.
@@ -177,7 +120,7 @@ def inspect_image(
     so the cost stays close to a plain forward even for ImageNet nets.
 
     Args:
-        net: a ResViz net; its flags and modes are restored afterwards.
+        net: a net with merge modules (a ResViz net); its flags and modes are restored afterwards.
         x: one normalised image, (C, H, W) or (1, C, H, W).
         classes: class names (index -> name); missing names become "class i".
         lesion: skip/removed flags to apply for this pass.
@@ -188,8 +131,9 @@ def inspect_image(
         channel_start: first channel for ``channel_order="index"``.
     """
     x = _as_batch(net, x)
-    if block is not None and not 0 <= block < len(net.blocks):
-        raise ValueError(f"block {block} is out of range: the net has {len(net.blocks)} blocks")
+    n = len(merges(net))
+    if block is not None and not 0 <= block < n:
+        raise ValueError(f"block {block} is out of range: the net has {n} blocks")
     with ExitStack() as stack:
         stack.enter_context(lesioned(net, lesion))
         stack.enter_context(torch.no_grad())
@@ -225,7 +169,7 @@ def nonfinite_problem(net: nn.Module, x: torch.Tensor, f_norm: np.ndarray, s_nor
     return f"the activations overflow to NaN/Inf {where}: the weights or the input are too large for float32"
 
 
-def predict(net: ResNet, x: torch.Tensor, lesion: Lesion = INTACT) -> np.ndarray:
+def predict(net: nn.Module, x: torch.Tensor, lesion: Lesion = INTACT) -> np.ndarray:
     """Softmax probabilities ``(N, K)`` of a batch (or ``(K,)`` of one image) under ``lesion``."""
     single = x.dim() == 3
     p = next(net.parameters(), None)
@@ -260,7 +204,7 @@ def compare(intact: np.ndarray, lesioned_probs: np.ndarray, classes: Sequence[st
     return Comparison(max(kl, 0.0), tp[0] == tq[0], overlap, float(q[tp[0]] - p[tp[0]]), rows)
 
 
-def removal_effects(net: ResNet, x: torch.Tensor, lesion: Lesion = INTACT, target: int | None = None) -> np.ndarray:
+def removal_effects(net: nn.Module, x: torch.Tensor, lesion: Lesion = INTACT, target: int | None = None) -> np.ndarray:
     """Probability of ``target`` (default: the predicted class) when each block alone is also removed.
 
     Veit et al. (2016) found that residual nets barely notice losing one block while plain nets
@@ -269,8 +213,8 @@ def removal_effects(net: ResNet, x: torch.Tensor, lesion: Lesion = INTACT, targe
     x = _as_batch(net, x)
     base = predict(net, x[0], lesion)
     target = int(np.argmax(base)) if target is None else int(target)
-    out = np.empty(len(net.blocks), np.float32)
-    for i in range(len(net.blocks)):
+    out = np.empty(len(merges(net)), np.float32)
+    for i in range(len(out)):
         extra = Lesion(skips=lesion.skips, removed=(*lesion.removed, i))
         out[i] = predict(net, x[0], extra)[target]
     return out
@@ -287,7 +231,7 @@ class Heatmap:
 
 
 def explain(
-    net: ResNet, x: torch.Tensor, method: str, *, lesion: Lesion = INTACT, target: int | None = None,
+    net: nn.Module, x: torch.Tensor, method: str, *, lesion: Lesion = INTACT, target: int | None = None,
     block: int | None = None, **opts: object,
 ) -> Heatmap:
     """Captum attribution of one image under ``lesion`` (see :func:`resviz.analysis.attribution.attribute`)."""

@@ -12,9 +12,10 @@ Names (see :data:`DATASETS`):
 - ``folder:<path>`` (or ``imagefolder``/``folder`` with ``root=<path>``): one sub-folder of images
   per class, optionally under ``train/`` and ``test/``; otherwise a seeded 80/20 split per class.
 
-Every image is resized to ``input_size`` (default 32) with the same bilinear, antialiased resize
-that :meth:`DatasetBundle.preprocess` applies to a new image, then normalised with the train
-split's per-channel mean and std. Sizes above what a dataset holds are capped to what it holds.
+Every image is resized to ``input_size`` (default 32) with the bilinear, antialiased resize of
+:mod:`resviz.data.preprocess` that :meth:`DatasetBundle.preprocess` and uploads also go through, then
+normalised with the train split's per-channel mean and std (:class:`~resviz.data.preprocess.Normalization`).
+Sizes above what a dataset holds are capped to what it holds.
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ from PIL import Image
 from torch.utils.data import TensorDataset
 
 from resviz.data import files
-from resviz.data.files import DatasetUnavailable, default_root, pil_to_unit, resize_unit
+from resviz.data.files import DatasetUnavailable, default_root
+from resviz.data.preprocess import Normalization, image_to_input, resize
 from resviz.data.shapes import SHAPE_CLASSES, make_shapes
 
 __all__ = ["DATASETS", "DatasetBundle", "DatasetUnavailable", "available_datasets", "load_dataset"]
@@ -57,8 +59,7 @@ class DatasetBundle:
     train: TensorDataset  # (x float32 normalised (N, C, H, W), y int64 (N,))
     test: TensorDataset
     classes: list[str]
-    mean: tuple[float, ...]  # per channel, of the train split in [0, 1]
-    std: tuple[float, ...]
+    norm: Normalization  # per-channel mean and std of the train split, in [0, 1] units
     channels: int
     input_size: int
     train_masks: torch.Tensor | None = None  # bool (N, H, W) object masks (shapes only)
@@ -69,23 +70,25 @@ class DatasetBundle:
     def num_classes(self) -> int:
         return len(self.classes)
 
-    def _stats(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        mean = torch.tensor(self.mean, dtype=x.dtype, device=x.device).view(-1, 1, 1)
-        return mean, torch.tensor(self.std, dtype=x.dtype, device=x.device).view(-1, 1, 1)
+    @property
+    def mean(self) -> tuple[float, ...]:
+        return self.norm.mean
+
+    @property
+    def std(self) -> tuple[float, ...]:
+        return self.norm.std
 
     def normalize(self, x01: torch.Tensor) -> torch.Tensor:
         """Map images in [0, 1], (C, H, W) or (N, C, H, W), to the model's input scale."""
-        mean, std = self._stats(x01)
-        return (x01 - mean) / std
+        return self.norm.normalize(x01)
 
     def denormalize(self, x: torch.Tensor) -> torch.Tensor:
         """Undo :meth:`normalize` for display: returns values clamped to [0, 1]."""
-        mean, std = self._stats(x)
-        return (x * std + mean).clamp(0, 1)
+        return self.norm.denormalize(x)
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         """A (1, C, H, W) model input from a PIL image: centre square crop, the dataset's resize and normalisation."""
-        return self.normalize(pil_to_unit(image, self.channels, self.input_size))[None]
+        return image_to_input(image, self.norm, self.input_size)
 
     def info(self) -> dict[str, Any]:
         """JSON-able description to store with a checkpoint."""
@@ -232,8 +235,7 @@ def _bundle(name: str, train: tuple, test: tuple, classes: list[str], **extra: A
         train=TensorDataset(x_train.sub_(m).div_(s), y_train.long()),
         test=TensorDataset(x_test.sub_(m).div_(s), y_test.long()),
         classes=list(classes),
-        mean=mean_t,
-        std=std_t,
+        norm=Normalization(mean_t, std_t),
         channels=x_train.shape[1],
         input_size=x_train.shape[-1],
         **extra,
@@ -264,8 +266,8 @@ def _load_digits(size: int, n_train: int | None, n_test: int | None, seed: int) 
     train_idx, test_idx = _balanced(train_idx, y, n_train, _generator(seed, 1)), _balanced(test_idx, y, n_test, _generator(seed, 2))
     return _bundle(
         "digits",
-        (resize_unit(x[train_idx], size), y[train_idx]),
-        (resize_unit(x[test_idx], size), y[test_idx]),
+        (resize(x[train_idx], size), y[train_idx]),
+        (resize(x[test_idx], size), y[test_idx]),
         [str(d) for d in range(10)],
     )
 
@@ -284,7 +286,7 @@ def _load_torchvision(
     for split, n in ((1, n_train), (2, n_test)):
         x, y, classes = files.read_source(key, root, train=split == 1)
         pick = _balanced(torch.arange(len(y)), y, n, _generator(seed, split))
-        splits.append((resize_unit(x[pick].float().div_(255), size), y[pick]))
+        splits.append((resize(x[pick].float().div_(255), size), y[pick]))
     return _bundle(key, splits[0], splits[1], classes)
 
 

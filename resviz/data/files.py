@@ -26,8 +26,9 @@ from urllib.parse import urlparse
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image, ImageOps
+
+from resviz.data.preprocess import image_to_unit
 
 PROBE_TIMEOUT = 3.0  # seconds to wait for a TCP connection before declaring "offline"
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -83,38 +84,6 @@ SOURCES = {
 def default_root() -> Path:
     """The data root: ``$RESVIZ_DATA`` when set, else ``./data``."""
     return Path(os.environ.get("RESVIZ_DATA") or "data")
-
-
-def resize_unit(x: torch.Tensor, size: int) -> torch.Tensor:
-    """Resize (N, C, h, w) floats to (N, C, size, size): bilinear, antialiased when shrinking."""
-    if x.shape[-2:] == (size, size):
-        return x
-    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True).clamp_(0, 1)
-
-
-def pil_to_unit(img: Image.Image, channels: int, size: int) -> torch.Tensor:
-    """Centre-crop a PIL image to a square and return (C, size, size) floats in [0, 1].
-
-    Transparent pixels are composited over white; big images are box-reduced to at most about
-    twice ``size`` first so decoding a photo does not cost a full-resolution resize.
-    """
-    w, h = img.size
-    side = min(w, h)
-    if w != h:
-        left, top = (w - side) // 2, (h - side) // 2
-        img = img.crop((left, top, left + side, top + side))
-    if side >= 4 * size:
-        img = img.reduce(side // (2 * size))
-    if img.mode in ("I", "F") or img.mode.startswith("I;16"):  # a plain convert("L") clips 16-bit grey to white
-        arr = np.asarray(img, dtype=np.float64)
-        arr = arr / 257 if arr.max(initial=0) > 255 else arr  # 16-bit range onto 0..255
-        img = Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8))
-    if "A" in img.getbands() or "transparency" in img.info:
-        img = Image.alpha_composite(Image.new("RGBA", img.size, "white"), img.convert("RGBA"))
-    arr = np.asarray(img.convert("L" if channels == 1 else "RGB"), dtype=np.uint8)
-    x = torch.from_numpy(arr.copy())
-    x = x[None] if x.ndim == 2 else x.permute(2, 0, 1)  # (C, h, w)
-    return resize_unit(x[None].float().div_(255), size)[0]
 
 
 def missing_files(key: str, root: Path) -> list[str]:
@@ -313,7 +282,7 @@ def decode_images(samples: list[tuple[str, int]], size: int) -> tuple[torch.Tens
             with Image.open(file) as img:
                 if img.format == "JPEG":
                     img.draft("RGB", (2 * size, 2 * size))  # let libjpeg decode big photos at reduced scale
-                xs.append(pil_to_unit(ImageOps.exif_transpose(img), 3, size))  # upright, as viewers show it
+                xs.append(image_to_unit(ImageOps.exif_transpose(img), size, 3))  # upright, as viewers show it
                 gray = gray and img.mode in _GRAY_MODES
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):  # UnidentifiedImageError is an OSError
             bad.append(Path(file).name)

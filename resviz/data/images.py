@@ -1,4 +1,4 @@
-"""Safe decoding of untrusted image uploads, preprocessing for a net, and built-in sample pictures.
+"""Safe decoding of untrusted image uploads, their way into a net's input, and built-in sample pictures.
 
 Uploads are treated as hostile: only a few decoders are allowed (``Image.open(..., formats=...)``),
 the declared pixel count is checked right after the header is parsed and *before* any pixel data is
@@ -21,10 +21,11 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, UnidentifiedImageError
 
+from resviz.data.preprocess import WHITE, Normalization, high_depth_to_l, image_to_input, is_high_depth
+
 ALLOWED_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
 DEFAULT_MAX_PIXELS = 40_000_000  # a 48 MP phone photo must be downscaled; 40 MP RGBA is 160 MB decoded
 DEFAULT_MAX_BYTES = 25 * 2**20
-WHITE = (255, 255, 255)
 _USE = "use PNG, JPEG or WebP"
 # Anything a damaged file can make a decoder raise; all of them become ImageError.
 _DECODE_ERRORS = (
@@ -205,26 +206,11 @@ def load_image(
 
 
 # -- colour conversion ---------------------------------------------------------------------------
-def _high_depth_to_l(img: Image.Image) -> Image.Image:
-    """16-bit / 32-bit integer / float grey -> 8-bit "L", scaled (a plain convert would clip to white)."""
-    arr = np.asarray(img).astype(np.float64)
-    finite = arr[np.isfinite(arr)]
-    lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
-    if img.mode.startswith("I;16") or (img.mode == "I" and lo >= 0 and 255 < hi <= 65535):
-        arr = arr / 257.0  # the full 16-bit range maps onto 0..255
-    elif img.mode == "F" and lo >= 0 and hi <= 1:
-        arr = arr * 255.0
-    elif lo < 0 or hi > 255:
-        arr = (arr - lo) / max(hi - lo, 1e-12) * 255.0  # unknown range: stretch to fit
-    arr = np.nan_to_num(arr, nan=0.0, posinf=255.0, neginf=0.0)
-    return Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), mode="L")
-
-
 def _to_rgb(img: Image.Image, background: tuple[int, int, int]) -> tuple[Image.Image, list[str]]:
     """Any PIL mode -> "RGB", compositing transparency over ``background``."""
     notes: list[str] = []
-    if img.mode in ("I", "F") or img.mode.startswith("I;16"):
-        return _high_depth_to_l(img).convert("RGB"), [f"{img.mode} high-bit-depth image reduced to 8 bits"]
+    if is_high_depth(img):
+        return high_depth_to_l(img).convert("RGB"), [f"{img.mode} high-bit-depth image reduced to 8 bits"]
     if img.mode in _ALPHA_MODES or img.info.get("transparency") is not None:
         rgba = img.convert("RGBA")
         if rgba.getextrema()[3][0] < 255:
@@ -241,7 +227,7 @@ def _to_rgb(img: Image.Image, background: tuple[int, int, int]) -> tuple[Image.I
 
 # -- preprocessing -------------------------------------------------------------------------------
 def fit_image(img: Image.Image, input_size: int, *, mode: str = "crop") -> Image.Image:
-    """Resize to ``input_size`` square.
+    """Resize a PIL image to ``input_size`` square, for display (net inputs go through :mod:`resviz.data.preprocess`).
 
     ``mode="crop"`` scales the shorter side to ``input_size`` and center-crops the longer one (keeps the
     aspect ratio, like torchvision's ``Resize`` + ``CenterCrop``); ``mode="resize"`` squashes the whole
@@ -261,15 +247,6 @@ def fit_image(img: Image.Image, input_size: int, *, mode: str = "crop") -> Image
     return img.crop((left, top, left + input_size, top + input_size))
 
 
-def _per_channel(name: str, values: Sequence[float] | float, channels: int) -> np.ndarray:
-    arr = np.asarray(values, dtype=np.float32).reshape(-1)
-    if arr.size == 1:
-        arr = np.repeat(arr, channels)
-    if arr.size != channels:
-        raise ValueError(f"{name} has {arr.size} values but the input has {channels} channels")
-    return arr.reshape(channels, 1, 1)
-
-
 def to_model_input(
     img: Image.Image | LoadedImage,
     mean: Sequence[float] | float,
@@ -279,7 +256,7 @@ def to_model_input(
     *,
     mode: str = "crop",
 ) -> torch.Tensor:
-    """Turn a picture into a normalised ``(1, C, H, W)`` float32 batch for a net.
+    """Turn a picture into a normalised ``(1, C, H, W)`` float32 batch for a net (see :mod:`resviz.data.preprocess`).
 
     Args:
         img: a PIL image (any mode) or a :class:`LoadedImage`.
@@ -287,31 +264,19 @@ def to_model_input(
         std: per-channel standard deviation; one value is broadcast.
         input_size: side of the square input.
         channels: 1 (converted to ITU-R 601 luma grey) or 3 (RGB).
-        mode: "crop" (shorter side + center crop) or "resize"; see :func:`fit_image`.
+        mode: "crop" (centre square) or "resize" (the whole picture squashed into the square).
     """
     if channels not in (1, 3):
         raise ValueError(f"channels must be 1 or 3, got {channels}")
     if isinstance(img, LoadedImage):
         img = img.image
-    if img.mode not in ("L", "RGB"):
-        img = _to_rgb(img, WHITE)[0]
-    img = fit_image(img.convert("L" if channels == 1 else "RGB"), input_size, mode=mode)
-    arr = np.asarray(img, dtype=np.float32) / 255.0  # (H, W) or (H, W, 3)
-    arr = arr[None] if channels == 1 else arr.transpose(2, 0, 1)  # (C, H, W)
-    m, s = _per_channel("mean", mean, channels), _per_channel("std", std, channels)
-    if np.any(s <= 0):
-        raise ValueError("std values must be > 0")
-    return torch.from_numpy(np.ascontiguousarray((arr - m) / s))[None]  # (1, C, H, W)
+    return image_to_input(img, Normalization.of(mean, std, channels), input_size, mode=mode)
 
 
 def denormalize(x: torch.Tensor, mean: Sequence[float] | float, std: Sequence[float] | float) -> np.ndarray:
     """Undo :func:`to_model_input`'s normalisation: ``(1, C, H, W)`` or ``(C, H, W)`` -> ``(H, W, 3)`` in [0, 1]."""
-    t = x.detach().float().cpu()
-    t = t[0] if t.dim() == 4 else t
-    c = t.shape[0]
-    arr = t.numpy() * _per_channel("std", std, c) + _per_channel("mean", mean, c)
-    arr = np.repeat(arr, 3, axis=0) if c == 1 else arr
-    return np.clip(np.nan_to_num(arr.transpose(1, 2, 0)), 0.0, 1.0)
+    c = x.shape[-3]
+    return Normalization.of(mean, std, c).picture(x)
 
 
 # -- built-in samples ----------------------------------------------------------------------------

@@ -155,7 +155,7 @@ class Schedule:
                            channels_last=False)
 
 
-def thin(values: list[float], points: int = 100) -> tuple[list[int], list[float]]:
+def smooth_curve(values: list[float], points: int = 100) -> tuple[list[int], list[float]]:
     """At most ``points`` (step, running mean) pairs of a per-step curve, smoothed over a window."""
     if not values:
         return [], []

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import plotly.graph_objects as go
 
-from resviz.experiments.common import MEDIUM_TRAINING, Progress, TrainedStudyConfig, as_progress, check, error, thin, timer
+from resviz.experiments.common import MEDIUM_TRAINING, Progress, TrainedStudyConfig, as_progress, check, error, smooth_curve, timer
 from resviz.experiments.figures import curve_panels, lines
 from resviz.experiments.twins import train_twins
 from resviz.train import distributed
@@ -52,7 +52,7 @@ def _one_depth(cfg: DegradationConfig, depth: int, progress: Progress) -> dict[s
     out.update({f"{n}_{split}_err": err[n, split] for split in ("train", "test") for n in ("residual", "plain")})
     for name in ("residual", "plain"):
         out[f"{name}_final_loss"] = float(np.mean(twins.curves[name][-max(1, cfg.steps // 10):]))
-        out[f"{name}_curve"] = thin(twins.curves[name], 60)
+        out[f"{name}_curve"] = smooth_curve(twins.curves[name], 60)
     out["status"] = twins.status + (f": {twins.message}" if twins.message else "")
     return out
 

@@ -23,10 +23,11 @@ import plotly.graph_objects as go
 import torch
 from torch import nn
 
-from resviz.analysis.attribution import METHODS, attribute, deletion_score, eval_mode, pointing_game
+from resviz.analysis.attribution import METHODS, attribute, deletion_score, pointing_game
 from resviz.experiments.common import MEDIUM_TRAINING, Progress, TrainedStudyConfig, as_progress, check, timer
 from resviz.experiments.figures import grouped_bars
 from resviz.experiments.twins import reference_twins
+from resviz.nn.scoped import eval_mode
 
 NAME = "faithfulness"
 TITLE = "Attribution faithfulness: deletion, insertion, pointing game"

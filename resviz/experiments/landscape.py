@@ -10,8 +10,6 @@ Losses are means over a fixed batch of training images with the nets in eval mod
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +22,7 @@ from torch import nn
 from resviz.experiments.common import MEDIUM_TRAINING, Progress, TrainedStudyConfig, as_progress, check, timer
 from resviz.experiments.figures import lines
 from resviz.experiments.twins import reference_twins
+from resviz.nn.scoped import perturbed, preserved
 from resviz.plots import loss_landscape_figure
 from resviz.train.trainer import build_nets
 
@@ -63,19 +62,6 @@ def filter_normalised_direction(net: nn.Module, generator: torch.Generator) -> l
     return out
 
 
-@contextmanager
-def perturbed(net: nn.Module) -> Iterator[list[torch.Tensor]]:
-    """Yield the original parameter values; the caller may overwrite the parameters, which are restored after."""
-    params = list(net.parameters())
-    saved = [p.detach().clone() for p in params]
-    try:
-        yield saved
-    finally:
-        with torch.no_grad():
-            for p, s in zip(params, saved, strict=True):
-                p.copy_(s)
-
-
 @torch.no_grad()
 def _loss(net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     loss = F.cross_entropy(net(x), y).item()
@@ -106,9 +92,9 @@ def interpolation(net: nn.Module, init: nn.Module, ts: np.ndarray, x: torch.Tens
     """Loss along theta0 + t (theta* - theta0); buffers (norm statistics) are interpolated too."""
     net.eval()
     state, start = net.state_dict(), init.state_dict()
-    saved = {k: v.clone() for k, v in state.items()}
     out = []
-    try:
+    with perturbed(net), preserved(net):  # parameters and buffers come back after
+        saved = {k: v.clone() for k, v in state.items()}
         for t in ts:
             for k, v in state.items():
                 if v.is_floating_point():
@@ -116,8 +102,6 @@ def interpolation(net: nn.Module, init: nn.Module, ts: np.ndarray, x: torch.Tens
                     if k.endswith("running_var"):
                         v.clamp_(min=0.0)  # extrapolating past the initialisation must not make a variance negative
             out.append(_loss(net, x, y))
-    finally:
-        net.load_state_dict(saved)
     return out
 
 

@@ -1,15 +1,13 @@
 """Lesion study (Veit, Wilber, Belongie 2016): residual nets behave like ensembles of shallow paths.
 
-A trained residual net and its plain twin lose one block at a time at test time (``net.set_removed``:
-the block's branch is dropped, ``y = post(S(x))``), then k random blocks at once, and finally have
-pairs of same-shape blocks of a stage swapped. The residual net degrades gracefully; the plain net,
+A trained residual net and its plain twin lose one block at a time at test time
+(:func:`resviz.nn.scoped.removed`: the block's branch is dropped, ``y = post(S(x))``), then k random
+blocks at once, and finally have pairs of same-shape blocks of a stage swapped. The residual net degrades gracefully; the plain net,
 a single path through every layer, collapses.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +18,7 @@ from torch import nn
 from resviz.experiments.common import MEDIUM_TRAINING, Progress, TrainedStudyConfig, as_progress, check, timer
 from resviz.experiments.figures import lines
 from resviz.experiments.twins import reference_twins
+from resviz.nn.scoped import removed, reordered
 from resviz.plots import lesion_figure
 from resviz.train.trainer import evaluate
 
@@ -47,27 +46,6 @@ class LesionConfig(TrainedStudyConfig):
 
 def accuracy(net: nn.Module, x: Any, y: Any) -> float:
     return evaluate(net, (x, y), batch_size=500)[1]
-
-
-@contextmanager
-def removed(net: nn.Module, blocks: list[int]) -> Iterator[nn.Module]:
-    """Remove the given blocks' branches for the duration (all restored after)."""
-    net.set_removed(blocks)
-    try:
-        yield net
-    finally:
-        net.set_removed([])
-
-
-@contextmanager
-def reordered(net: nn.Module, order: list[int]) -> Iterator[nn.Module]:
-    """Run the blocks in ``order`` (a permutation of their indices) for the duration."""
-    original = net.blocks
-    net.blocks = nn.ModuleList([original[i] for i in order])
-    try:
-        yield net
-    finally:
-        net.blocks = original
 
 
 def swappable(net: nn.Module) -> list[list[int]]:

@@ -24,6 +24,8 @@ from resviz.experiments.common import MEDIUM_TRAINING, Progress, TrainedStudyCon
 from resviz.experiments.figures import lines
 from resviz.experiments.twins import train_twins
 from resviz.nn.blocks import Scale
+from resviz.nn.merge import junctions
+from resviz.nn.scoped import eval_mode
 
 NAME = "responses"
 TITLE = "Layer responses: std of each residual branch"
@@ -58,7 +60,8 @@ def _taps(block: nn.Module) -> list[nn.Module]:
 @torch.no_grad()
 def layer_stds(net: nn.Module, x: torch.Tensor) -> list[list[float]]:
     """Per block, the std of each layer response of its branch (channel-averaged), in eval mode."""
-    stds: list[list[float]] = [[] for _ in net.blocks]
+    blocks = [j.block for j in junctions(net)]
+    stds: list[list[float]] = [[] for _ in blocks]
 
     def hook(i: int) -> Callable[..., None]:
         def record(_m: nn.Module, _inp: tuple, out: torch.Tensor) -> None:
@@ -67,16 +70,12 @@ def layer_stds(net: nn.Module, x: torch.Tensor) -> list[list[float]]:
 
         return record
 
-    was_training = net.training
-    net.eval()
     with ExitStack() as stack:
-        for i, blk in enumerate(net.blocks):
+        stack.enter_context(eval_mode(net))
+        for i, blk in enumerate(blocks):
             for m in _taps(blk):
                 stack.callback(m.register_forward_hook(hook(i)).remove)
-        try:
-            net(x)
-        finally:
-            net.train(was_training)
+        net(x)
     return stds
 
 

@@ -17,9 +17,9 @@ import plotly.graph_objects as go
 import torch
 from torch import nn
 
-from resviz.analysis.probes import preserved
 from resviz.experiments.common import Progress, StudyConfig, as_progress, check, net_config, shapes, timer
 from resviz.experiments.figures import lines
+from resviz.nn.scoped import preserved
 from resviz.train.trainer import build_nets
 
 NAME = "shattered"

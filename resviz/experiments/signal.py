@@ -18,7 +18,7 @@ import plotly.graph_objects as go
 import torch
 
 from resviz.analysis.probes import signal_prop
-from resviz.experiments.common import MEDIUM_TRAINING, TrainingBudget, as_progress, check, net_config, thin, timer
+from resviz.experiments.common import MEDIUM_TRAINING, TrainingBudget, as_progress, check, net_config, smooth_curve, timer
 from resviz.experiments.figures import lines
 from resviz.experiments.twins import train_one
 from resviz.train.trainer import build_nets
@@ -82,7 +82,7 @@ def run(cfg: SignalConfig, progress: Any = None) -> dict[str, Any]:
         curve, status, _ = train_one(net, data, sched, seed=cfg.seed, device=cfg.device, progress=part, label=label)
         trained = _stats(net, x)
         spp[label] = {"init": init, "trained": trained}
-        curves[label] = thin(curve, 60)
+        curves[label] = smooth_curve(curve, 60)
         tail = [v for v in curve[-max(1, len(curve) // 10):] if np.isfinite(v)]
         rows.append({"variant": label, "init_var_first": init["var"][0], "init_var_last": init["var"][-1],
                      "init_growth": _growth(init["var"]), "init_mean_sq_last": init["mean_sq"][-1],

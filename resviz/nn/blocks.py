@@ -15,6 +15,7 @@ import torch.nn.functional as F  # the functional API; F(x) in the docs is the b
 from torch import nn
 
 from resviz.config import BlockConfig
+from resviz.nn.merge import Merge
 
 
 def make_act(name: str) -> nn.Module:
@@ -84,10 +85,11 @@ class Scale(nn.Module):
         return x * self.alpha
 
 
-class Add(nn.Module):
+class Add(Merge):
     """The merge point: a named module so hooks see F(x), S(x) (its inputs) and their sum (its output).
 
-    ``s`` is ``None`` when the skip connection is off; ``f`` is ``None`` when the block is removed.
+    ``s`` is ``None`` when the skip connection is off; ``f`` is ``None`` when the block is removed. The
+    block's ``skip`` and ``removed`` flags live here (see :mod:`resviz.nn.merge`).
     """
 
     def forward(self, f: torch.Tensor | None, s: torch.Tensor | None) -> torch.Tensor:
@@ -127,17 +129,11 @@ class ResidualBlock(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.cin, self.cout, self.stride = cin, planes * cfg.expansion, stride
-        self.skip = skip  # flip at any time: False makes this a plain block
-        self.removed = False  # inference lesion: drop F entirely, y = post(S(x))
         self.drop_prob = drop_prob
         self.drop_generator: torch.Generator | None = None  # where stochastic depth draws (the Trainer sets one)
         self.branch = self._make_branch(cin, planes, stride)
-        # The layer of F that zero_init_last zeroes so that F(x) = 0 at init: its last norm, or its last conv
-        # when no norm follows that conv (pre-activation, BN after the addition, no norm at all).
-        norm_last = cfg.norm != "none" and cfg.order in ("post", "relu_before_add", "relu_only_pre")
-        self.last_layer = f"{'norm' if norm_last else 'conv'}{2 if cfg.kind == 'basic' else 3}"
         self.shortcut = self._make_shortcut(cin, self.cout, stride)
-        self.merge = Add()
+        self.merge = Add(skip)  # holds the run-time flags ``skip`` and ``removed``
         self.post = self._make_post(self.cout)
         if cfg.zero_init_last:
             self.zero_init_last()
@@ -169,6 +165,8 @@ class ResidualBlock(nn.Module):
         if c.scaling != "none":
             learnable = c.scaling == "learnable"
             layers.append(("scale", Scale(c.alpha_init if learnable else c.alpha, learnable)))
+        # the last norm of F, or its last conv when no norm follows it
+        self.last_layer = [n for n, m in layers if isinstance(m, (nn.Conv2d, nn.BatchNorm2d, nn.GroupNorm))][-1]
         return nn.Sequential(OrderedDict(layers))
 
     def _make_shortcut(self, cin: int, cout: int, stride: int) -> nn.Module:
@@ -192,6 +190,25 @@ class ResidualBlock(nn.Module):
     def zero_init_last(self) -> None:
         """Zero the weight of ``self.last_layer``: F's last norm, or its last conv when no norm follows it."""
         nn.init.zeros_(getattr(self.branch, self.last_layer).weight)  # a BatchNorm/GroupNorm scale or a conv kernel
+
+    # -- run-time flags (kept on the merge, where instruments and lesions address them) ---------
+    @property
+    def skip(self) -> bool:
+        """Whether the skip connection is on; flip at any time (False makes this a plain block)."""
+        return self.merge.skip
+
+    @skip.setter
+    def skip(self, value: bool) -> None:
+        self.merge.skip = bool(value)
+
+    @property
+    def removed(self) -> bool:
+        """Inference lesion: True drops F entirely, ``y = post(S(x))``."""
+        return self.merge.removed
+
+    @removed.setter
+    def removed(self, value: bool) -> None:
+        self.merge.removed = bool(value)
 
     @property
     def has_projection(self) -> bool:

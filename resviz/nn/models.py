@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from resviz.config import IMAGENET_STAGES, PRE_ORDERS, BlockConfig, NetConfig
+from resviz.nn import merge
 from resviz.nn.blocks import ResidualBlock, make_act, make_norm
 
 
@@ -73,27 +74,18 @@ class ResNet(nn.Module):
         x = torch.flatten(self.pool(x), 1)  # (B, C)
         return self.fc(x)  # (B, num_classes)
 
-    # -- skip and lesion controls -------------------------------------------------------------
+    # -- skip and lesion controls (the flags live on the blocks' merges: resviz.nn.merge) ----
     def set_skips(self, flags: bool | Iterable[bool]) -> None:
         """Turn skip connections on/off: one flag for all blocks or one per block."""
-        flags = [flags] * len(self.blocks) if isinstance(flags, bool) else list(flags)
-        if len(flags) != len(self.blocks):
-            raise ValueError(f"expected {len(self.blocks)} skip flags, got {len(flags)}")
-        for blk, f in zip(self.blocks, flags, strict=True):
-            blk.skip = bool(f)
+        merge.set_skips(self, flags)
 
     def set_removed(self, removed: Iterable[int]) -> None:
         """Remove the residual branch of the given block indices at inference (others restored)."""
-        removed = set(removed)
-        bad = [i for i in removed if not 0 <= i < len(self.blocks)]
-        if bad:
-            raise ValueError(f"block indices out of range 0..{len(self.blocks) - 1}: {bad}")
-        for i, blk in enumerate(self.blocks):
-            blk.removed = i in removed
+        merge.set_removed(self, removed)
 
     @property
     def skips(self) -> tuple[bool, ...]:
-        return tuple(blk.skip for blk in self.blocks)
+        return merge.skips(self)
 
 
 def build_net(cfg: NetConfig) -> ResNet:

@@ -6,7 +6,10 @@ Per-step readings stay on the device as detached tensors (no host sync per step)
 them to the CPU in one transfer, ``drain()`` does the same and clears them, ``reset()`` just clears.
 Set ``probe.enabled = False`` (or use ``with probe.paused():``) to skip steps cheaply.
 
-Result formats (CPU float32 tensors; ``B`` = number of blocks, one column per block in ``net.blocks``):
+Instruments address a net through its merges (:mod:`resviz.nn.merge`): any module holding merge
+modules can be probed, and block ``i`` is the i-th merge.
+
+Result formats (CPU float32 tensors; ``B`` = number of blocks, one column per merge, in forward order):
 
 * ``Activations.result()``: list (one per tapped block, see ``.indices``) of dicts with ``"f"`` (F(x)),
   ``"s"`` (S(x)), ``"sum"`` (F(x) + S(x)) and ``"out"`` (block output), each ``(N, C, H, W)`` with the
@@ -24,7 +27,7 @@ was not seen in that call.
 from resviz.analysis.probes.base import Probe, blocks_of, to_cpu, to_numpy
 from resviz.analysis.probes.forward import Activations, BranchMagnitudes, SignalProp
 from resviz.analysis.probes.gradients import GradientFlow
-from resviz.analysis.probes.live import LiveProbes, gradient_norms_by_layer, preserved, signal_prop
+from resviz.analysis.probes.live import LiveProbes, gradient_norms_by_layer, signal_prop
 
 __all__ = [
     "Activations",
@@ -35,7 +38,6 @@ __all__ = [
     "SignalProp",
     "blocks_of",
     "gradient_norms_by_layer",
-    "preserved",
     "signal_prop",
     "to_cpu",
     "to_numpy",

@@ -11,19 +11,20 @@ import numpy as np
 import torch
 from torch import nn
 
-from resviz.nn.blocks import ResidualBlock
+from resviz.nn.merge import Junction, junctions
 
 Tensor = torch.Tensor
 
 
-def blocks_of(net: nn.Module) -> list[ResidualBlock]:
-    """The residual blocks of ``net`` in forward order (``net`` itself if it is a block)."""
-    if isinstance(net, ResidualBlock):
-        return [net]
-    blocks = list(net.blocks) if hasattr(net, "blocks") else [m for m in net.modules() if isinstance(m, ResidualBlock)]
-    if not blocks:
-        raise ValueError(f"{type(net).__name__} has no ResidualBlock to probe")
-    return blocks
+def blocks_of(net: nn.Module) -> list[Junction]:
+    """Where instruments hook ``net``: one :class:`~resviz.nn.merge.Junction` per merge, in forward order.
+
+    ``net`` is any module holding merge modules (a ResViz net, a single block, an adapted model).
+
+    Raises:
+        ValueError: ``net`` has no merge module.
+    """
+    return junctions(net)
 
 
 def to_cpu(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -42,7 +43,7 @@ class Probe:
 
     def __init__(self, net: nn.Module) -> None:
         self.net = net
-        self.blocks = blocks_of(net)
+        self.blocks = blocks_of(net)  # one Junction per block: .merge, .block, .branch, .shortcut
         self.enabled = True  # False: hooks return at once (cheap way to skip a step)
         self._active = False
         self._handles: list[Any] = []

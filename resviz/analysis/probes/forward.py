@@ -96,8 +96,8 @@ class BranchMagnitudes(Probe):
         self._rows = Rows(self.KEYS, len(self.blocks))
 
     def _attach(self) -> None:
-        for i, blk in enumerate(self.blocks):
-            self._handles.append(blk.merge.register_forward_hook(self._hook(i)))
+        for i, j in enumerate(self.blocks):
+            self._handles.append(j.merge.register_forward_hook(self._hook(i)))
 
     def _hook(self, i: int) -> Callable[..., None]:
         def hook(_m: nn.Module, inputs: tuple, _out: Tensor) -> None:
@@ -142,9 +142,9 @@ class SignalProp(Probe):
         self._rows = Rows(self.KEYS, len(self.blocks))
 
     def _attach(self) -> None:
-        for i, blk in enumerate(self.blocks):
-            self._handles.append(blk.register_forward_hook(self._out_hook(i)))
-            self._handles.append(blk.merge.register_forward_hook(self._merge_hook(i)))
+        for i, j in enumerate(self.blocks):
+            self._handles.append(j.block.register_forward_hook(self._out_hook(i)))
+            self._handles.append(j.merge.register_forward_hook(self._merge_hook(i)))
 
     def _out_hook(self, i: int) -> Callable[..., None]:
         def hook(_m: nn.Module, _inputs: tuple, out: Tensor) -> None:
@@ -171,7 +171,7 @@ class Activations(Probe):
     """Detached feature maps per block: F(x), S(x), their sum and the block output.
 
     Args:
-        net: a ResViz net (or a single block).
+        net: a net with merge modules (a ResViz net, a single block).
         max_channels: keep only the first ``max_channels`` channels of each map (copied, so the rest
             of the activation is not kept alive).
         blocks: indices of the blocks to tap (default all); ``.indices`` lists them.
@@ -202,10 +202,10 @@ class Activations(Probe):
         return t if self.max_channels is None else t[:, : self.max_channels].clone()
 
     def _attach(self) -> None:
-        for j, i in enumerate(self.indices):
-            merge_hook, out_hook = self._hooks(self._store[j])
+        for k, i in enumerate(self.indices):
+            merge_hook, out_hook = self._hooks(self._store[k])
             self._handles.append(self.blocks[i].merge.register_forward_hook(merge_hook))
-            self._handles.append(self.blocks[i].register_forward_hook(out_hook))
+            self._handles.append(self.blocks[i].block.register_forward_hook(out_hook))
 
     def _hooks(self, store: dict[str, list[Tensor | None]]) -> tuple[Callable[..., None], Callable[..., None]]:
         def merge_hook(_m: nn.Module, inputs: tuple, out: Tensor) -> None:

@@ -24,7 +24,7 @@ class GradientFlow(Probe):
       dL/dx splits exactly into the part that flowed back through the residual branch F and the part
       that came through the shortcut S; ``grad_total`` is the norm of their sum (all of dL/dx).
 
-    The split comes from forward pre-hooks on ``block``, ``block.branch`` and ``block.shortcut`` that
+    The split comes from forward pre-hooks on each merge's block, ``block.branch`` and ``block.shortcut`` that
     pass on ``x.view_as(x)``: same values, but a separate autograd node, so a tensor hook on it sees
     only the gradient of its own path. Norms are whole-tensor L2 norms over the batch (they scale with
     the loss's reduction). A path that was not used in the last backward (the shortcut of a plain
@@ -33,7 +33,7 @@ class GradientFlow(Probe):
     shows the accumulated ``.grad``.
 
     Args:
-        net: a ResViz net (or a single block).
+        net: a net with merge modules (a ResViz net, a single block).
         keep_grads: also keep the last backward's gradient tensors per block in ``last_grads``
             (``last_grads[i]["grad_branch"]`` etc.; memory heavy, meant for inspection and tests).
     """
@@ -45,7 +45,7 @@ class GradientFlow(Probe):
         named = [(n, p) for n, p in net.named_parameters() if p.requires_grad]
         self.param_names = [n for n, _ in named]
         self.params = [p for _, p in named]
-        owner = {id(p): i for i, blk in enumerate(self.blocks) for p in blk.parameters()}
+        owner = {id(p): i for i, j in enumerate(self.blocks) for p in j.block.parameters()}
         # (B, P) membership matrix: block squared norms are one small matmul (deterministic, no sync).
         self._member = torch.zeros(len(self.blocks), len(self.params))
         for j, p in enumerate(self.params):
@@ -61,10 +61,11 @@ class GradientFlow(Probe):
         return [[None] * len(self.blocks) for _ in self.KEYS]
 
     def _attach(self) -> None:
-        for i, blk in enumerate(self.blocks):
-            self._handles.append(blk.register_forward_pre_hook(self._tap(i, 2)))
-            self._handles.append(blk.branch.register_forward_pre_hook(self._tap(i, 0)))
-            self._handles.append(blk.shortcut.register_forward_pre_hook(self._tap(i, 1)))
+        for i, j in enumerate(self.blocks):
+            self._handles.append(j.block.register_forward_pre_hook(self._tap(i, 2)))
+            for slot, path in ((0, j.branch), (1, j.shortcut)):  # a block without named paths: no split
+                if path is not None:
+                    self._handles.append(path.register_forward_pre_hook(self._tap(i, slot)))
 
     def _tap(self, i: int, slot: int) -> Callable[[nn.Module, tuple], tuple | None]:
         def pre_hook(_m: nn.Module, args: tuple) -> tuple | None:

@@ -13,6 +13,7 @@ from torch import nn
 from resviz.analysis.probes.base import Probe, Tensor, to_numpy
 from resviz.analysis.probes.forward import BranchMagnitudes, SignalProp
 from resviz.analysis.probes.gradients import GradientFlow
+from resviz.nn.scoped import preserved
 
 
 class LiveProbes:
@@ -99,22 +100,6 @@ class LiveProbes:
     def reset(self) -> None:
         for p in self.probes:
             p.reset()
-
-
-@contextmanager
-def preserved(net: nn.Module) -> Iterator[None]:
-    """Restore ``net``'s buffers (e.g. BatchNorm running stats) and the RNG state on exit."""
-    saved = [b.detach().clone() for b in net.buffers()]
-    p = next(net.parameters(), None)
-    dev = p.device if p is not None else torch.device("cpu")
-    devices, kind = ([dev], dev.type) if dev.type != "cpu" else ([], "cuda")  # no devices: the type is unused
-    with torch.random.fork_rng(devices=devices, device_type=kind):
-        try:
-            yield
-        finally:
-            with torch.no_grad():
-                for b, s in zip(net.buffers(), saved, strict=True):
-                    b.copy_(s)
 
 
 def gradient_norms_by_layer(
