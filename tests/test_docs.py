@@ -52,7 +52,8 @@ def test_a_figure_of_no_stored_run_is_refused():
     with pytest.raises(ValueError, match="no stored run"):
         figures.references("![x](img/experiments/nosuchstudy_curve.png)")
     with pytest.raises(KeyError, match="has no figure"):
-        figures.build(figures.references("![x](img/experiments/shattered_nosuchfigure.png)"), build.stored_results())
+        figures.build(figures.references("![x](img/experiments/shattered_nosuchfigure.png)"),
+                      {"shattered": results.load("shattered")})
 
 
 def test_fill_names_every_missing_placeholder():
@@ -82,7 +83,7 @@ def test_saved_bench_output_round_trips_and_fills_only_its_own_block(tmp_path):
 def test_figures_export_as_png_through_the_system_chromium(tmp_path: Path):
     pytest.importorskip("kaleido")
     refs = figures.references("![a](img/experiments/shattered_correlation_by_depth.png)")
-    written = figures.write_png(figures.build(refs, build.stored_results()), tmp_path)
+    written = figures.write_png(figures.build(refs, {"shattered": results.load("shattered")}), tmp_path)
     png = written[0].read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     assert int.from_bytes(png[16:20], "big") == figures.WIDTH * 1  # PNG width (scale 1)

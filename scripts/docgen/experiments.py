@@ -75,7 +75,11 @@ def degradation(r: Results) -> dict[str, str]:
     paper = ", ".join(f"ResNet-{x['depth']} {pct(x['residual_test_err'], 2)}" for x in extra)
     plain = ", ".join(f"plain-{x['depth']} ≈ {pct(x['plain_test_err'], 0)}" for x in extra if x["plain_test_err"] is not None)
     deep = res["rows"][-1]
-    return {"degradation.table": table(["depth", "ResNet train err", "plain train err", "ResNet test err", "plain test err",
+    better = [str(x["depth"]) for x in res["rows"] if x["plain_train_err"] < x["residual_train_err"]]
+    ratios = [x["residual_test_err"] / x["paper_residual_test_err"] for x in res["rows"] if x["paper_residual_test_err"]]
+    return {"degradation.plain_better": " and ".join(better) or "no depth",
+            "degradation.test_ratio": f"{min(ratios):.0f} to {max(ratios):.0f}" if ratios else DASH,
+            "degradation.table": table(["depth", "ResNet train err", "plain train err", "ResNet test err", "plain test err",
                                         "paper ResNet (CIFAR-10 test)", "paper plain (CIFAR-10 test, Fig. 6)"], rows),
             "degradation.paper_extra": f"{paper} (Table 6)" + (f"; {plain} (read off Fig. 6)" if plain else ""),
             "degradation.checks": checks(res), "degradation.deepest": str(deep["depth"]),

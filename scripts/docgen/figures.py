@@ -78,8 +78,10 @@ def browser() -> str:
 
 def write_png(figures: Mapping[str, go.Figure], folder: Path) -> list[Path]:
     """Export every figure as ``folder/<file>`` (900 px wide; 3-D surfaces a little taller), one browser for all."""
-    import kaleido
-
+    try:
+        import kaleido
+    except ImportError as e:
+        raise RuntimeError("the figures need kaleido (requirements-dev.txt); --no-figures writes the markdown only") from e
     folder.mkdir(parents=True, exist_ok=True)
     specs = [{"fig": fig, "path": str(folder / name),
               "opts": {"format": "png", "width": WIDTH,
