@@ -72,10 +72,18 @@ def test_saved_bench_output_round_trips_and_fills_only_its_own_block(tmp_path):
     got_header, got = load_results(tmp_path / "cpu.json")
     assert got_header == header and got[0] == rows[0] and got[1].data == {"residual": 0.5, "plain": None}
     text = "x\n<!-- bench:cpu -->\nold\n<!-- /bench:cpu -->\n<!-- bench:gpu -->\nkept\n<!-- /bench:gpu -->\n"
-    out = readme.render(text, tmp_path)
+    out = readme.render(text, tmp_path, tmp_path / "no-manifest.json")
     assert "old" not in out and "kept" in out and "a \\| b" in out and "`python bench/bench.py --quick --sections train`" in out
     assert "Targets not met in this run: accuracy." in out
-    assert readme.render(out, tmp_path) == out  # idempotent
+    assert readme.render(out, tmp_path, tmp_path / "no-manifest.json") == out  # idempotent
+
+
+def test_pretrained_block_lists_every_checkpoint_of_the_manifest(tmp_path):
+    manifest = {"checkpoints": [{"name": "a_net", "description": "A net", "test_acc": 0.9123},
+                                {"name": "b_net", "description": "B net", "test_acc": 0.5}]}
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    out = readme.render("<!-- pretrained -->\nold\n<!-- /pretrained -->\n", tmp_path, tmp_path / "manifest.json")
+    assert "| `a_net` | A net | 91.2% |" in out and "| `b_net` | B net | 50.0% |" in out and "old" not in out
 
 
 @pytest.mark.slow

@@ -1,12 +1,15 @@
-"""The README's performance tables, drawn from saved ``bench/bench.py --json`` outputs.
+"""The README's generated blocks: performance tables from saved ``bench/bench.py --json`` outputs, and
+the shipped checkpoints' accuracy from ``pretrained/manifest.json``.
 
 The README marks each generated block with ``<!-- bench:<name> -->`` and ``<!-- /bench:<name> -->``;
 everything between the marks is rewritten from ``bench/results/<name>.json``. A block whose saved
-output does not exist is left as it is.
+output does not exist is left as it is. ``<!-- pretrained -->`` ... ``<!-- /pretrained -->`` holds the
+manifest's table.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -15,6 +18,7 @@ from bench.timing import Row, load_results, markdown_table
 from scripts.docgen.results import ROOT
 
 BENCH_RESULTS = ROOT / "bench" / "results"
+MANIFEST = ROOT / "pretrained" / "manifest.json"
 
 
 def block(name: str, header: dict[str, Any], rows: list[Row]) -> str:
@@ -33,15 +37,25 @@ def block(name: str, header: dict[str, Any], rows: list[Row]) -> str:
 
 
 def marks(name: str) -> re.Pattern[str]:
-    return re.compile(rf"(<!-- bench:{name} -->\n)(.*?)(<!-- /bench:{name} -->)", re.S)
+    return re.compile(rf"(<!-- {name} -->\n)(.*?)(<!-- /{name} -->)", re.S)
 
 
-def render(readme: str, folder: Path = BENCH_RESULTS) -> str:
+def pretrained_table(manifest: dict[str, Any]) -> str:
+    """One row per shipped checkpoint: name, what it is, its recorded test accuracy."""
+    rows = [f"| `{c['name']}` | {c['description']} | {c['test_acc']:.1%} |" for c in manifest["checkpoints"]]
+    return "\n".join(["| checkpoint | what | test accuracy |", "|---|---|---|", *rows])
+
+
+def _replace(readme: str, name: str, text: str) -> str:
+    return marks(name).sub(lambda m: m.group(1) + text + "\n" + m.group(3), readme)
+
+
+def render(readme: str, folder: Path = BENCH_RESULTS, manifest: Path = MANIFEST) -> str:
     """``readme`` with every marked block whose saved output exists rewritten from it."""
     for name in re.findall(r"<!-- bench:([a-z0-9_-]+) -->", readme):
         path = folder / f"{name}.json"
         if path.is_file():
-            header, rows = load_results(path)
-            text = block(name, header, rows)
-            readme = marks(name).sub(lambda m, t=text: m.group(1) + t + "\n" + m.group(3), readme)
+            readme = _replace(readme, f"bench:{name}", block(name, *load_results(path)))
+    if "<!-- pretrained -->" in readme and manifest.is_file():
+        readme = _replace(readme, "pretrained", pretrained_table(json.loads(manifest.read_text(encoding="utf-8"))))
     return readme
