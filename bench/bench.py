@@ -30,6 +30,7 @@ import contextlib
 import datetime
 import os
 import platform
+import shlex
 import sys
 import time
 from collections.abc import Callable
@@ -393,7 +394,8 @@ def main(argv: list[str] | None = None) -> int:
         elif name == "tta":
             rows += app_bench.section_tta(args.quick, headless)
     header = {"machine": info, "load_start": start_load, "load_end": load_avg(), "wall_s": round(time.perf_counter() - t0),
-              "quick": args.quick, "sections": chosen, "threads": args.threads}
+              "quick": args.quick, "sections": chosen, "threads": args.threads,
+              "command": shlex.join(["python", "bench/bench.py", *(sys.argv[1:] if argv is None else argv)])}
     print("\n".join(f"- {line}" for line in info))
     print(f"- load average (1/5/15 min) at start: {header['load_start']}; at end: {header['load_end']}; "
           f"bench wall time {header['wall_s']} s{' (--quick)' if args.quick else ''}")

@@ -24,10 +24,8 @@ MANIFEST = ROOT / "pretrained" / "manifest.json"
 def block(name: str, header: dict[str, Any], rows: list[Row]) -> str:
     """The generated text of one saved run: where and how it was measured, then its table."""
     machine = "; ".join(line.rstrip(".") for line in header["machine"])
-    command = "python bench/bench.py" + (" --quick" if header.get("quick") else "")
-    sections = header.get("sections") or []
-    if sections:
-        command += f" --sections {','.join(sections)}"
+    command = header.get("command") or " ".join(
+        ["python bench/bench.py", *(["--quick"] if header.get("quick") else []), "--sections", ",".join(header["sections"])])
     notes = [f"Measured by `{command}` ({header['wall_s']} s): {machine}; load average (1/5/15 min) "
              f"{header['load_start']} at the start and {header['load_end']} at the end.", "", markdown_table(rows)]
     unmet = [r.what for r in rows if r.met is False]

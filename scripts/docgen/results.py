@@ -69,14 +69,14 @@ def _child_cpu() -> float:
 
 def refresh(keys: list[str] | None = None) -> None:
     """Run the studies ``keys`` (all by default) again and store their results and CPU times."""
-    cpu = load_cpu()
     for key in keys or list(RUNS):
         run = RUNS[key]
         with tempfile.TemporaryDirectory() as tmp:
             before, t0 = _child_cpu(), time.perf_counter()
             subprocess.run(run.command(Path(tmp) / "run"), check=True, cwd=ROOT)
-            cpu[key] = round(_child_cpu() - before, 1)
+            used = round(_child_cpu() - before, 1)
             run.path.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(Path(tmp) / "run" / "result.json", run.path)
-        print(f"{key}: {cpu[key]:.0f} s CPU, {time.perf_counter() - t0:.0f} s wall", flush=True)
+        print(f"{key}: {used:.0f} s CPU, {time.perf_counter() - t0:.0f} s wall", flush=True)
+        cpu = {**load_cpu(), key: used}  # read again: another refresh may have stored its runs meanwhile
         CPU_FILE.write_text(json.dumps(dict(sorted(cpu.items())), indent=2) + "\n", encoding="utf-8")
