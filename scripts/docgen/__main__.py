@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 import sys
 
+import scripts.docgen
 from scripts.docgen import results
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m scripts.docgen", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m scripts.docgen", description=scripts.docgen.__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("what", nargs="*", help="'results [KEY ...]' runs the studies again; nothing: write the docs")
     p.add_argument("--no-figures", action="store_true", help="write the markdown only")
     args = p.parse_args(argv)

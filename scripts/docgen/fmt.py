@@ -43,5 +43,5 @@ def table(head: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
 def checks(result: dict[str, Any]) -> str:
     """A study's reproduced (or not) orderings as a bullet list, claim and measured detail from the result."""
-    return "\n".join(f"- **{'Reproduced' if c['holds'] else 'Not reproduced'}**: {c['claim']} ({c['detail']})."
+    return "\n".join(f"- **{'Reproduced' if c['holds'] else 'Not reproduced'}**: {c['claim']}. Measured: {c['detail']}."
                      for c in result.get("checks", []))
