@@ -3,7 +3,7 @@
 PY := .venv/bin/python
 PORT ?= 8501
 
-.PHONY: run test env lint bench pretrained
+.PHONY: run test env lint bench pretrained docs
 
 env:
 	@scripts/ensure_env.sh
@@ -21,6 +21,11 @@ lint: env
 
 bench: env
 	$(PY) bench/bench.py
+
+# Regenerate docs/experiments.md, its figures (Plotly + kaleido, driving Debian's Chromium) and the
+# README's performance table from the stored results (docs/results/, bench/results/).
+docs: env
+	$(PY) -m scripts.docgen
 
 pretrained: env
 	$(PY) pretrained/make_pretrained.py

@@ -21,8 +21,8 @@ from resviz.jobs import JobLimitError
 from resviz.storage.rundirs import list_runs, load_run
 
 REFRESH_S = 1.0
-BUDGET_HELP = {"small": "about 1-4 minutes on a laptop CPU (the numbers in docs/experiments.md)",
-               "medium": "bigger nets and longer runs: tens of minutes on a CPU, minutes on a GPU"}
+BUDGET_HELP = {"small": "small nets, short runs: the budget of docs/experiments.md, which lists each study's CPU time",
+               "medium": "bigger nets and longer runs (width 16, 24 px, 1,500 steps): many times the small budget's time"}
 
 
 def runs_root() -> Path:

@@ -248,7 +248,7 @@ def render() -> None:
     job_list = jobs.session_jobs()
     job = _pick_run(job_list)
     if job is None:
-        st.info("Press Start to train. The defaults finish in about a minute on a laptop CPU.")
+        st.info("Press Start to train: progress and speed appear here while the run goes.")
         return
     active = job.active
     st.fragment(_live_view, run_every=REFRESH_S if active else None)(job.id, active)

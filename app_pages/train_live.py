@@ -2,9 +2,9 @@
 
 Kept apart from the widgets of ``app_pages/train.py`` so the benchmark and
 the tests use exactly what the page does; nothing here calls Streamlit. Every refresh of an active
-run ships these figures to the browser, so each series is thinned to at most ``LIVE_POINTS`` points:
-a 10-minute run (history capped at 500 points per series by ``resviz.jobs``) then costs about 250 KB
-of chart JSON per refresh instead of about 800 KB (``python bench/bench.py --sections app``).
+run ships these figures to the browser, so each series is thinned to at most ``LIVE_POINTS`` points,
+which bounds the chart JSON of a refresh however long the run (history capped at 500 points per series
+by ``resviz.jobs``); ``python bench/bench.py --sections app`` measures that payload.
 """
 
 from __future__ import annotations

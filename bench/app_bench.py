@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from timing import Row
+from timing import Row, load_results
 
 from app_pages import jobs, state, train_live
 from resviz.jobs import TrainingJob
@@ -34,8 +34,10 @@ ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run", "--disable-dev-shm-usage"]
-# docs/app.md, "Defaults and what they achieve": final test accuracy of the default run (seed 0).
-STATED = {"residual": 0.591, "plain": 0.158}
+# The saved bench output the README's table is drawn from (``bench.py --json``): its accuracy row is the
+# seeded default run's recorded final accuracy, which a new run must reach again.
+SAVED = ROOT / "bench" / "results" / "cpu.json"
+ACCURACY_ROW = "final test accuracy, residual vs plain twin"
 TTA_LIMIT_S = 60.0
 PAYLOAD_LIMIT_KB = 300.0
 STALL_S = 60.0  # a live page whose text does not change for this long has stalled
@@ -298,11 +300,26 @@ def section_tta(quick: bool, headless: list[dict]) -> list[Row]:
     h = min(headless, key=lambda r: r["wall_s"])  # the least disturbed run; all runs are seeded alike
     acc = h["acc"]
     res, plain = acc.get("residual", float("nan")), acc.get("plain", float("nan"))
-    reached = res >= STATED["residual"] - 0.01 and res - plain >= 0.2
+    stated = recorded_accuracy()
+    floor = stated["residual"] - 0.01 if stated else None
+    reached = (floor is None or res >= floor) and res - plain >= 0.2
     ok = reached and h["wall_s"] <= TTA_LIMIT_S and h["status"] == "finished"
-    walls = ", ".join(f"{r['wall_s']:.0f}" for r in headless)
+    walls = [round(r["wall_s"], 1) for r in headless]
+    load_s = max(r["load_s"] for r in headless)
+    recorded = f"recorded: {stated['residual']:.1%} vs {stated['plain']:.1%}" if stated else "no recorded run"
     return [Row("5", f"Train page defaults ({h['steps']} steps, twin, 1 training thread as in the app): wall time",
-                f"{h['wall_s']:.0f} s (runs: {walls} s; loading the data first: {max(r['load_s'] for r in headless):.1f} s)",
-                f"stated: {STATED['residual']:.1%} vs {STATED['plain']:.1%}", None, f"<= {TTA_LIMIT_S:.0f} s", ok),
-            Row("5", "final test accuracy, residual vs plain twin", f"{res:.1%} vs {plain:.1%}", "", None,
-                f">= {STATED['residual'] - 0.01:.1%}, gap >= 20 points", reached)]
+                f"{h['wall_s']:.0f} s (runs: {', '.join(f'{w:.0f}' for w in walls)} s; loading the data first: {load_s:.1f} s)",
+                recorded, None, f"<= {TTA_LIMIT_S:.0f} s", ok,
+                data={"wall_s": round(h["wall_s"], 1), "runs_s": walls, "load_s": round(load_s, 2), "steps": h["steps"]}),
+            Row("5", ACCURACY_ROW, f"{res:.1%} vs {plain:.1%}", "", None,
+                (f">= {floor:.1%}, " if floor is not None else "") + "gap >= 20 points", reached,
+                data={"residual": res, "plain": plain})]
+
+
+def recorded_accuracy(path: Path = SAVED) -> dict[str, float] | None:
+    """The default run's final test accuracy in the saved bench output ({"residual", "plain"}; None without one)."""
+    if not path.is_file():
+        return None
+    _, rows = load_results(path)
+    row = next((r for r in rows if r.what == ACCURACY_ROW and {"residual", "plain"} <= set(r.data)), None)
+    return None if row is None else {k: float(row.data[k]) for k in ("residual", "plain")}

@@ -4,6 +4,7 @@ baseline timed in the same rounds.
     python bench/bench.py                       # everything: about 3 minutes on an idle 2-core box
     python bench/bench.py --quick               # fewer rounds, one app run: about 1.5 minutes
     python bench/bench.py --sections train,twin # any of: train twin inspect app tta gpu
+    python bench/bench.py --json bench/results/cpu.json   # also save the run as JSON (what `make docs` publishes)
 
 A loaded machine makes every row slower (up to several times); the ratios hold up better than the
 absolute numbers, and the header records the load average at the start and the end.
@@ -29,6 +30,7 @@ import contextlib
 import datetime
 import os
 import platform
+import shlex
 import sys
 import time
 from collections.abc import Callable
@@ -41,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from timing import Row, best_ratio, interleaved, markdown_table, median_ratio, ms, paired  # noqa: E402
+from timing import Row, best_ratio, interleaved, markdown_table, median_ratio, ms, paired, save_results  # noqa: E402
 from torch.utils.data import TensorDataset  # noqa: E402
 
 from resviz import NetConfig, TrainConfig, build_net, runtime  # noqa: E402
@@ -360,6 +362,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="fewer rounds and one app run instead of two")
     ap.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}")
     ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads for the training/inspection rows")
+    ap.add_argument("--json", metavar="PATH", help="also save the header and rows as JSON (e.g. bench/results/cpu.json)")
     args = ap.parse_args(argv)
     chosen = [s.strip() for s in args.sections.split(",") if s.strip()]
     unknown = sorted(set(chosen) - set(SECTIONS))
@@ -389,11 +392,16 @@ def main(argv: list[str] | None = None) -> int:
             rows += app_bench.section_app(args.quick, headless)
         elif name == "tta":
             rows += app_bench.section_tta(args.quick, headless)
+    header = {"machine": info, "load_start": start_load, "load_end": load_avg(), "wall_s": round(time.perf_counter() - t0),
+              "quick": args.quick, "sections": chosen, "threads": args.threads,
+              "command": shlex.join(["python", "bench/bench.py", *(sys.argv[1:] if argv is None else argv)])}
     print("\n".join(f"- {line}" for line in info))
-    print(f"- load average (1/5/15 min) at start: {start_load}; at end: {load_avg()}; "
-          f"bench wall time {time.perf_counter() - t0:.0f} s{' (--quick)' if args.quick else ''}")
+    print(f"- load average (1/5/15 min) at start: {header['load_start']}; at end: {header['load_end']}; "
+          f"bench wall time {header['wall_s']} s{' (--quick)' if args.quick else ''}")
     print()
     print(markdown_table(rows))
+    if args.json:
+        print(f"[bench] saved {save_results(args.json, header, rows)}", file=sys.stderr)
     return 0
 
 

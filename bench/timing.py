@@ -8,10 +8,14 @@ load disturbed least, as ``timeit`` recommends) and the median of the per-round 
 
 from __future__ import annotations
 
+import json
+import math
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
 
 
 def interleaved(steppers: dict[str, Callable[[], object]], rounds: int, steps: int,
@@ -70,6 +74,7 @@ class Row:
     target: str = ""
     met: bool | None = None
     median: float | None = None  # the median of the per-round ratios, shown beside the best-round ratio
+    data: dict[str, Any] = field(default_factory=dict)  # the row's measured values, for readers of the saved JSON
 
     def cells(self) -> list[str]:
         ratio = f"{self.ratio:.2f}x" if self.ratio is not None else ""
@@ -88,3 +93,27 @@ def markdown_table(rows: list[Row]) -> str:
 
 def ms(seconds: float) -> str:
     return f"{seconds * 1e3:.1f} ms"
+
+
+def save_results(path: str | Path, header: dict[str, Any], rows: list[Row]) -> Path:
+    """Write a run's header (machine, load, date, options) and rows as JSON: what ``make docs`` publishes."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    saved = _finite({**header, "rows": [asdict(r) for r in rows]})
+    path.write_text(json.dumps(saved, indent=2, allow_nan=False) + "\n", encoding="utf-8")
+    return path
+
+
+def _finite(v: Any) -> Any:
+    """Strict JSON values: NaN and infinities (a failed or unmeasured row) become None."""
+    if isinstance(v, dict):
+        return {k: _finite(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_finite(x) for x in v]
+    return None if isinstance(v, float) and not math.isfinite(v) else v
+
+
+def load_results(path: str | Path) -> tuple[dict[str, Any], list[Row]]:
+    """The header and rows of a file written by :func:`save_results`."""
+    saved = json.loads(Path(path).read_text(encoding="utf-8"))
+    return {k: v for k, v in saved.items() if k != "rows"}, [Row(**r) for r in saved["rows"]]

@@ -9,9 +9,9 @@ Keep freed CPU memory for reuse: training frees and re-allocates the same activa
 glibc's malloc hands large freed blocks back to the operating system (it trims the top of the heap
 once more than a few tens of MB are free, and serves big requests with fresh ``mmap`` calls). A CPU
 training step frees nearly all its activations after the backward pass and asks for them again in
-the next forward, so every step then pays for the same memory again in page faults: 12,000 to 30,000
-of them a step for ResNet-20 at batch 128 on 32x32 inputs, 5-25% of the step's time, varying with
-the heap's history (``bench/bench.py``; ``resource.getrusage().ru_minflt`` around the steps). With the
+the next forward, so every step then pays for the same memory again in page faults, thousands of
+them a step, a share of the step's time that varies with the heap's history (count them with
+``resource.getrusage().ru_minflt`` around the steps; ``bench/bench.py`` times the effect). With the
 two thresholds below the faults drop to zero after the first steps and step times stop wandering.
 
 The cost: up to ``trim_threshold`` bytes of freed memory stay mapped (resident) for the next step

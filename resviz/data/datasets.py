@@ -3,8 +3,8 @@
 Names (see :data:`DATASETS`):
 
 - ``shapes`` (default): procedural, seeded, offline, with ground-truth object masks
-  (:mod:`resviz.data.shapes`). Defaults 5,000 train / 1,000 test images (about 0.5 s to render at
-  32 px): in 12 epochs at 16 px a ResNet-56 reaches 87% while a plain-56 stays near chance.
+  (:mod:`resviz.data.shapes`). Defaults 5,000 train / 1,000 test images; deep plain nets stay near
+  chance on it where residual nets of the same depth learn it (docs/experiments.md, section 1).
 - ``digits``: scikit-learn's 1,797 real 8x8 handwritten digits, upsampled; a seeded, stratified
   80/20 split.
 - ``mnist``, ``fashion-mnist``, ``cifar10``: torchvision's files under ``root`` (default

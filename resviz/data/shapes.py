@@ -11,14 +11,12 @@ resolution and the ground-truth mask is exactly ``sdf < 0``. All random paramete
 resolution-free units before any pixel is touched, so one seed gives the same scenes at 16 or 64 px;
 only the pixel noise depends on the resolution.
 
-Difficulty, measured with 5,000 train / 1,000 test images at 16 px, 12 epochs of SGD (Nesterov,
-one-cycle to lr 0.1, batch 128, one CPU thread): ResNet-20 91% and plain-20 90% test accuracy, but
-ResNet-56 87% while plain-56 stays at 15% (chance is 12.5%). At 32 px ResNet-20 reaches 77% after
-4 epochs. Most remaining errors are corners vs curves: circle/square, ring/frame, cross/star.
+Difficulty: shallow plain and residual nets both learn it; deep plain nets stay near chance where
+residual nets of the same depth learn it (docs/experiments.md, section 1, has the measured errors).
+Most remaining errors are corners vs curves: circle/square, ring/frame, cross/star.
 
 Rendering uses numpy on one core on purpose: with torch's intra-op threads, the ~100 small
-elementwise ops per chunk stalled on thread barriers whenever other processes shared the CPU
-(3,000 images at 32 px: 0.25 s on one thread, 3 to 8 s on two threads of a busy 2-core machine).
+elementwise ops per chunk stalled on thread barriers whenever other processes shared the CPU.
 """
 
 from __future__ import annotations

@@ -30,7 +30,7 @@ class StudyConfig:
     """Fields every study config has; each study adds its own and a preset per budget."""
 
     seed: int = 0  # seeds data, initialisation, batch order and every random draw of the study
-    budget: str = "small"  # "small" (about a minute or two on a laptop CPU) or "medium"
+    budget: str = "small"  # "small" (the budget docs/experiments.md reports, with each study's time) or "medium"
     device: str = "cpu"  # "cpu" keeps results identical everywhere; "auto" uses a GPU when there is one
 
     def __post_init__(self) -> None:

@@ -60,11 +60,11 @@ def channel_var_mean(x: Tensor) -> tuple[Tensor, Tensor]:
     """Population variance and mean of each channel of an ``(N, C, H, W)`` map over N, H, W: (C,), (C,).
 
     float32 maps: two passes (mean, then mean squared deviation) instead of ``torch.var_mean(dim=(0, 2,
-    3))``, whose CPU kernel is about 7x slower on these shapes in either memory layout (9.4 ms against
-    1.2 ms for a (128, 16, 32, 32) map on one core of the development box); agrees with it to float32
-    rounding. bf16/fp16 maps (CUDA autocast): one read each for the sum and the sum of squares,
-    accumulated in float32, then var = E[x^2] - E[x]^2 (clamped at 0) -- the two-pass version would
-    first write a float32 copy and two float32 temporaries, five times the memory traffic.
+    3))``, whose CPU kernel is much slower on these shapes in either memory layout (bench/bench.py's
+    instrument rows show the cost); agrees with it to float32 rounding. bf16/fp16 maps (CUDA autocast):
+    one read each for the sum and the sum of squares, accumulated in float32, then var = E[x^2] - E[x]^2
+    (clamped at 0) -- the two-pass version would first write a float32 copy and two float32 temporaries,
+    five times the memory traffic.
     """
     x = x.detach()
     dims = (0, *range(2, x.dim()))

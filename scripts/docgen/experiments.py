@@ -1,0 +1,175 @@
+"""The numbers of docs/experiments.md: one function per section, stored results in, markdown out.
+
+Each function returns ``{placeholder: markdown}`` for the ``{{placeholder}}`` marks of
+``docs/experiments.template.md``; the prose around them is written by hand and carries no number.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from scripts.docgen.fmt import DASH, checks, fixed, pct, seconds, sig, table
+
+Results = Mapping[str, dict[str, Any]]
+METHOD_LABELS = {"integrated_gradients": "integrated gradients", "saliency": "saliency", "gradcam": "Grad-CAM",
+                 "occlusion": "occlusion", "random": "random"}
+NET_LABELS = {"residual": "ResNet", "plain": "plain"}
+
+
+def _net(name: str) -> str:
+    """``residual-20`` -> ``ResNet-20``, ``plain`` -> ``plain``."""
+    kind, _, depth = name.partition("-")
+    return NET_LABELS.get(kind, kind) + (f"-{depth}" if depth else "")
+
+
+def budget(r: Results, cpu: Mapping[str, float]) -> dict[str, str]:
+    """The small budget's data, nets and schedule (from the degradation run's config) and time per study."""
+    c = r["degradation"]["config"]
+    classes = round(1 / r["lesion"]["chance"])
+    w = c["width"]
+    rows = [("data", f"`shapes`, {c['input_size']} x {c['input_size']} px, {classes} classes, {c['train_size']:,} training "
+                     f"and {c['test_size']:,} test images (seed {c['seed']})"),
+            ("nets", f"CIFAR-style ResNets, width {w} (channels {w}/{2 * w}/{4 * w}), basic blocks, shortcut option B, "
+                     f"**{c['order']}-activation** blocks; the plain twin is the same net with every skip off and the same "
+                     "initial weights"),
+            ("training", f"{c['steps']} steps of SGD (Nesterov momentum 0.9, weight decay 5e-4), batch {c['batch_size']}, "
+                         f"one-cycle learning rate peaking at {c['lr']:g}; residual net and plain twin in lockstep on the same "
+                         "batches")]
+    times = [(name, seconds(cpu.get(name)), seconds(r[name]["time_s"]), WHAT_RUNS[name](r[name]))
+             for name in WHAT_RUNS]
+    slowest = max(WHAT_RUNS, key=lambda n: cpu.get(n, 0.0))
+    return {"budget.table": table(["", ""], rows), "budget.steps": str(c["steps"]), "budget.width": str(w),
+            "budget.input_size": str(c["input_size"]), "budget.times": table(
+                ["study", "CPU time (s)", "wall time of the study (s)", "what runs"], times),
+            "budget.slowest": slowest, "budget.total_cpu": seconds(sum(cpu.get(n, 0.0) for n in WHAT_RUNS))}
+
+
+def _pairs(cfg: dict[str, Any]) -> str:
+    return f"ResNet-{cfg['depth']} + plain-{cfg['depth']}"
+
+
+WHAT_RUNS: dict[str, Callable[[dict[str, Any]], str]] = {
+    "degradation": lambda x: f"{len(x['config']['depths'])} depths x 2 nets x {x['config']['steps']} steps",
+    "lesion": lambda x: f"trains {_pairs(x['config'])}, then {len(x['rows'])} + {len(x['curves']['k'])}x{x['config']['draws']}"
+                        f" + {len(x['curves']['swaps'])}x{x['config']['draws']} test passes per net",
+    "responses": lambda x: "trains depths " + " and ".join(str(d) for d in x["config"]["depths"]),
+    "signal": lambda x: f"{len(x['rows'])} variants x {x['config']['steps']} steps",
+    "landscape": lambda x: f"trains {_pairs(x['config'])}, {x['config']['grid']} x {x['config']['grid']} slice + "
+                           f"{x['config']['line_points']}-point line per net",
+    "shattered": lambda x: "initialisation only",
+    "faithfulness": lambda x: f"trains {_pairs(x['config'])}, {x['config']['images']} images x "
+                              f"{len(x['config']['methods'])} maps per net",
+}
+
+
+def degradation(r: Results) -> dict[str, str]:
+    res = r["degradation"]
+    rows = [(x["depth"], pct(x["residual_train_err"]), pct(x["plain_train_err"]), pct(x["residual_test_err"]),
+             pct(x["plain_test_err"]), pct(x["paper_residual_test_err"], 2),
+             DASH if x["paper_plain_test_err"] is None else "≈ " + pct(x["paper_plain_test_err"], 1))
+            for x in res["rows"]]
+    ours = {x["depth"] for x in res["rows"]}
+    extra = [x for x in res["paper_rows"] if x["depth"] not in ours]
+    paper = ", ".join(f"ResNet-{x['depth']} {pct(x['residual_test_err'], 2)}" for x in extra)
+    plain = ", ".join(f"plain-{x['depth']} ≈ {pct(x['plain_test_err'], 0)}" for x in extra if x["plain_test_err"] is not None)
+    deep = res["rows"][-1]
+    better = [str(x["depth"]) for x in res["rows"] if x["plain_train_err"] < x["residual_train_err"]]
+    ratios = [x["residual_test_err"] / x["paper_residual_test_err"] for x in res["rows"] if x["paper_residual_test_err"]]
+    return {"degradation.plain_better": " and ".join(better) or "no depth",
+            "degradation.test_ratio": f"{min(ratios):.0f} to {max(ratios):.0f}" if ratios else DASH,
+            "degradation.table": table(["depth", "ResNet train err", "plain train err", "ResNet test err", "plain test err",
+                                        "paper ResNet (CIFAR-10 test)", "paper plain (CIFAR-10 test, Fig. 6)"], rows),
+            "degradation.paper_extra": f"{paper} (Table 6)" + (f"; {plain} (read off Fig. 6)" if plain else ""),
+            "degradation.checks": checks(res), "degradation.deepest": str(deep["depth"]),
+            "degradation.plain_deep_loss": fixed(deep["plain_final_loss"], 2),
+            "degradation.chance_loss": fixed(math.log(round(1 / r["lesion"]["chance"])), 2)}
+
+
+def lesion(r: Results, key: str = "lesion") -> dict[str, str]:
+    res = r[key]
+    intact = res["intact"]
+    single = [("none (intact)", "", "", pct(intact["residual"]), pct(intact["plain"]))]
+    single += [(x["block"], x["stage"], "yes" if x["downsampling"] else "", pct(x["residual_acc"]), pct(x["plain_acc"]))
+               for x in res["rows"]]
+    c = res["curves"]
+    k = table(["k random blocks deleted", *c["k"]], [(NET_LABELS[n], *(pct(v) for v in c["random"][n])) for n in NET_LABELS])
+    swaps = table(["swaps", *c["swaps"]], [(NET_LABELS[n], *(pct(v) for v in c["reorder"][n])) for n in NET_LABELS])
+    cfg = res["config"]
+    return {f"{key}.single": table(["deleted block", "stage", "downsampling", "ResNet acc", "plain acc"], single),
+            f"{key}.random": k, f"{key}.swaps": swaps, f"{key}.checks": checks(res),
+            f"{key}.eval_size": str(cfg["eval_size"]), f"{key}.draws": str(cfg["draws"]), f"{key}.chance": pct(res["chance"]),
+            f"{key}.depth": str(cfg["depth"]), f"{key}.blocks": str(len(res["rows"])),
+            f"{key}.intact": f"{pct(intact['residual'])} and {pct(intact['plain'])}", f"{key}.source": res["source"]}
+
+
+def responses(r: Results) -> dict[str, str]:
+    res = r["responses"]
+    rows = [(_net(x["net"]), x["blocks"], sig(x["mean_branch_std"]), sig(x["median_branch_std"]), sig(x["max_branch_std"]),
+             sig(x["mean_layer_std"])) for x in res["rows"]]
+    return {"responses.table": table(["net", "blocks", "mean std of F(x)", "median", "max", "mean std, all layer responses"],
+                                     rows),
+            "responses.checks": checks(res), "responses.eval_size": str(res["config"]["eval_size"]),
+            "responses.nets": "/".join(str(d) for d in res["config"]["depths"])}
+
+
+def signal(r: Results) -> dict[str, str]:
+    res = r["signal"]
+    rows = [(x["variant"], sig(x["init_var_first"]), sig(x["init_var_last"]), sig(x["init_growth"]),
+             sig(x["trained_growth"]) if x["trained_growth"] is not None else f"{DASH} ({x['status']})", sig(x["final_loss"]))
+            for x in res["rows"]]
+    cfg = res["config"]
+    return {"signal.table": table(["variant", "variance, first block (init)", "variance, last block (init)",
+                                   "growth last/first (init)", "growth (trained)", "final train loss"], rows),
+            "signal.checks": checks(res), "signal.depth": str(cfg["depth"]), "signal.batch": str(cfg["batch"]),
+            "signal.steps": str(cfg["steps"]), "signal.variants": str(len(res["rows"])), "signal.lr": f"{cfg['lr']:g}"}
+
+
+def landscape(r: Results, key: str = "landscape") -> dict[str, str]:
+    res = r[key]
+    d = res["config"]["depth"]
+    rows = [(f"{NET_LABELS[x['net']]}-{d}", sig(x["center_loss"]), sig(x["mean_rise_r<=half"]), sig(x["max_loss"]),
+             fixed(x["nonconvexity"])) for x in res["rows"]]
+    cfg = res["config"]
+    return {f"{key}.table": table(["net", "loss at centre", "mean rise within r ≤ 0.5", "highest loss on the slice",
+                                   "non-convexity"], rows),
+            f"{key}.checks": checks(res), f"{key}.depth": str(d), f"{key}.grid": f"{cfg['grid']} x {cfg['grid']}",
+            f"{key}.eval_size": str(cfg["eval_size"]), f"{key}.span": f"{cfg['span']:g}", f"{key}.source": res["source"],
+            f"{key}.centre": " and ".join(sig(x["center_loss"]) for x in res["rows"])}
+
+
+def shattered(r: Results) -> dict[str, str]:
+    res = r["shattered"]
+    rows = [(x["depth"], fixed(x["residual_lag1"]), fixed(x["plain_lag1"]), fixed(x["residual_lag4"]), fixed(x["plain_lag4"]))
+            for x in res["rows"]]
+    cfg = res["config"]
+    return {"shattered.table": table(["depth", "ResNet lag-1", "plain lag-1", "ResNet lag-4", "plain lag-4"], rows),
+            "shattered.checks": checks(res), "shattered.points": str(cfg["points"]), "shattered.pairs": str(cfg["pairs"]),
+            "shattered.span": {0.25: "a quarter"}.get(cfg["span"], f"{cfg['span']:g}")}
+
+
+def faithfulness(r: Results) -> dict[str, str]:
+    res = r["faithfulness"]
+    d = res["config"]["depth"]
+    rows = [(f"{NET_LABELS[x['net']]}-{d}", METHOD_LABELS.get(x["method"], x["method"]), fixed(x["deletion"]),
+             fixed(x["insertion"]), pct(x["pointing"]), pct(x["energy"])) for x in res["rows"]]
+    acc = {x["net"]: x["accuracy"] for x in res["rows"]}
+    cfg = res["config"]
+    paper = "; ".join(f"{METHOD_LABELS.get(x['method'], x['method'])} {fixed(x['deletion'])} / {fixed(x['insertion'])}"
+                      for x in res["paper_rows"])
+    return {"faithfulness.table": table(["net", "method", "deletion ↓", "insertion ↑", "pointing ↑", "mask energy ↑"], rows),
+            "faithfulness.checks": checks(res), "faithfulness.images": str(cfg["images"]),
+            "faithfulness.steps": str(cfg["curve_steps"]), "faithfulness.tolerance": str(cfg["tolerance"]),
+            "faithfulness.accuracy": f"the ResNet classifies {pct(acc['residual'])} correctly, the plain net {pct(acc['plain'])}",
+            "faithfulness.paper": paper}
+
+
+def all_values(r: Results, cpu: Mapping[str, float]) -> dict[str, str]:
+    """Every placeholder of the template."""
+    out = budget(r, cpu)
+    for fn in (degradation, lesion, responses, signal, landscape, shattered, faithfulness):
+        out.update(fn(r))
+    out.update(lesion(r, "lesion-shipped"))
+    out.update(landscape(r, "landscape-shipped"))
+    return out
