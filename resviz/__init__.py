@@ -9,10 +9,13 @@ from resviz.analysis.inspection import Inspection, Lesion, explain, inspect_imag
 from resviz.analysis.probes import Activations, BranchMagnitudes, GradientFlow, LiveProbes, SignalProp
 from resviz.config import BlockConfig, NetConfig, TrainConfig
 from resviz.data.datasets import DatasetBundle, DatasetUnavailable, load_dataset
+from resviz.data.preprocess import Normalization
 from resviz.nn.blocks import ResidualBlock
+from resviz.nn.merge import Merge, junctions, merges
 from resviz.nn.models import ResNet, build_net, count_macs, count_params, from_torchvision, plain_twin
 from resviz.storage.checkpoints import CheckpointError, load_checkpoint, save_checkpoint
 from resviz.train import FitResult, Trainer, evaluate, fit
+from resviz.version import __version__
 
 __all__ = [
     "Activations",
@@ -26,7 +29,9 @@ __all__ = [
     "Inspection",
     "Lesion",
     "LiveProbes",
+    "Merge",
     "NetConfig",
+    "Normalization",
     "ResNet",
     "ResidualBlock",
     "SignalProp",
@@ -40,9 +45,11 @@ __all__ = [
     "fit",
     "from_torchvision",
     "inspect_image",
+    "junctions",
     "load_checkpoint",
     "load_dataset",
+    "merges",
     "plain_twin",
     "save_checkpoint",
+    "__version__",
 ]
-__version__ = "0.1.0"

@@ -75,7 +75,7 @@ def _dataset_info(dataset: Any) -> dict[str, Any] | None:
 
 def build_meta(net: ResNet, *, dataset: Any = None, metrics: dict[str, Any] | None = None) -> dict[str, Any]:
     """The sidecar content (without ``sha256``) for ``net``; its current skip flags are recorded."""
-    from resviz import __version__  # at call time: the package is fully imported by then
+    from resviz.version import __version__
 
     cfg = getattr(net, "cfg", None)
     if not isinstance(cfg, NetConfig):
