@@ -107,8 +107,9 @@ def init_comparison(cfg: NetConfig, *, batch_size: int | None = None, seed: int 
     """
     measured, auto_batch = measure_config(cfg)
     batch_size, size = batch_size or auto_batch, measured.input_size
-    torch.manual_seed(seed)
-    residual = build_net(measured.residual_twin() if measured.is_plain else measured)
+    with torch.random.fork_rng(devices=[]):  # seeded weights without touching the process's RNG
+        torch.manual_seed(seed)
+        residual = build_net(measured.residual_twin() if measured.is_plain else measured)
     plain = plain_twin(residual, same_weights=True)  # identical weights: only the skips differ
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(batch_size, cfg.in_channels, size, size, generator=gen)  # (N, C, H, W)

@@ -55,9 +55,30 @@ class Junction:
     shortcut: nn.Module | None  # S, when the block names it ``shortcut``
 
 
+def walk(model: nn.Module) -> list[tuple[nn.Module, nn.Module | None]]:
+    """``(module, parent)`` for every module of ``model`` once, in ``model.modules()`` order.
+
+    A plain walk of the ``_modules`` dicts: ``nn.Module.modules()`` builds a qualified name for every
+    module, which made finding the merges cost more than a small net's forward pass.
+    """
+    out, seen = [], set()
+
+    def visit(m: nn.Module, parent: nn.Module | None) -> None:
+        if id(m) in seen:
+            return
+        seen.add(id(m))
+        out.append((m, parent))
+        for child in m._modules.values():
+            if child is not None:
+                visit(child, m)
+
+    visit(model, None)
+    return out
+
+
 def merges(model: nn.Module) -> list[Merge]:
     """Every :class:`Merge` inside ``model`` (``model`` itself included), in registration order."""
-    return [m for m in model.modules() if isinstance(m, Merge)]
+    return [m for m, _ in walk(model) if isinstance(m, Merge)]
 
 
 def junctions(model: nn.Module) -> list[Junction]:
@@ -66,10 +87,10 @@ def junctions(model: nn.Module) -> list[Junction]:
     Raises:
         ValueError: ``model`` holds no merge, or a merge has no parent inside ``model``.
     """
-    parent = {id(child): mod for mod in model.modules() for child in mod.children()}
     out = []
-    for m in merges(model):
-        block = parent.get(id(m))
+    for m, block in walk(model):
+        if not isinstance(m, Merge):
+            continue
         if block is None:
             raise ValueError(f"{type(m).__name__} has no parent block inside {type(model).__name__}")
         branch, shortcut = getattr(block, "branch", None), getattr(block, "shortcut", None)

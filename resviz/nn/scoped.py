@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from resviz.nn.merge import Merge, merges, set_removed, set_skips, skips
+from resviz.nn.merge import Merge, merges, set_removed, skips, walk
 
 _LOCKS: weakref.WeakKeyDictionary[nn.Module, threading.RLock] = weakref.WeakKeyDictionary()
 _LOCKS_GUARD = threading.Lock()
@@ -94,13 +94,15 @@ def _flags_kept(net: nn.Module) -> Iterator[list[Merge]]:
 @contextmanager
 def eval_mode(net: nn.Module) -> Iterator[nn.Module]:
     """Put ``net`` in eval mode; restore every module's own mode on exit."""
-    modes = [(m, m.training) for m in net.modules()]
+    modes = [(m, m.training) for m, _ in walk(net)]
     try:
-        net.eval()
+        if any(training for _, training in modes):  # (setting every module's flag costs a walk)
+            net.eval()
         yield net
     finally:
         for m, training in modes:
-            m.training = training
+            if m.training != training:
+                m.training = training
 
 
 @contextmanager
@@ -113,11 +115,23 @@ def lesioned(net: nn.Module, lesion: Lesion = INTACT) -> Iterator[nn.Module]:
     with ExitStack() as stack:
         stack.enter_context(net_lock(net))
         stack.enter_context(eval_mode(net))
-        stack.enter_context(_flags_kept(net))
-        if lesion.skips is not None:
-            set_skips(net, lesion.skips)
-        set_removed(net, lesion.removed)
+        ms = stack.enter_context(_flags_kept(net))
+        _apply(ms, lesion)
         yield net
+
+
+def _apply(ms: list[Merge], lesion: Lesion) -> None:
+    """Set the flags of the merges ``ms`` (a net's, in order) to ``lesion``: the checks of
+    :func:`resviz.nn.merge.set_skips` and ``set_removed`` on a list walked once."""
+    if lesion.skips is not None and len(lesion.skips) != len(ms):
+        raise ValueError(f"expected {len(ms)} skip flags, got {len(lesion.skips)}")
+    bad = [i for i in lesion.removed if not 0 <= i < len(ms)]
+    if bad:
+        raise ValueError(f"block indices out of range 0..{len(ms) - 1}: {bad}")
+    for i, m in enumerate(ms):
+        if lesion.skips is not None:
+            m.skip = lesion.skips[i]
+        m.removed = i in lesion.removed
 
 
 @contextmanager
