@@ -92,17 +92,13 @@ def _net_widgets(block: BlockConfig) -> NetConfig:
     if st.session_state["d_depth"] not in opts:
         st.session_state["d_depth"] = min(opts, key=lambda d: abs(d - st.session_state["d_depth"]))
     depth = st.select_slider("Depth (layers)", opts, key="d_depth", help=HELP["depth"])
-    width = c2.select_slider("Width", _with(WIDTHS, st.session_state["d_width"]), key="d_width", help=HELP["width"])
-    size = c3.select_slider("Input size", _with(INPUT_SIZES, st.session_state["d_input"]), key="d_input",
+    width = c2.select_slider("Width", state.options_with(WIDTHS, st.session_state["d_width"]), key="d_width", help=HELP["width"])
+    size = c3.select_slider("Input size", state.options_with(INPUT_SIZES, st.session_state["d_input"]), key="d_input",
                             help=HELP["input_size"])
     classes = c1.number_input("Classes", 2, 1000, key="d_classes", help=HELP["num_classes"])
     channels = c2.selectbox("Input channels", (1, 3), key="d_channels", help=HELP["in_channels"])
     return NetConfig(style=style, depth=int(depth), width=int(width), num_classes=int(classes), in_channels=int(channels),
                      input_size=int(size), block=block)
-
-
-def _with(options: tuple[int, ...], value: int) -> list[int]:
-    return sorted(set(options) | {int(value)})
 
 
 def _skip_widget(cfg: NetConfig) -> NetConfig:

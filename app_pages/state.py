@@ -213,3 +213,8 @@ def devices() -> tuple[str, list[str]]:
         except (ValueError, RuntimeError):
             pass
     return auto, found
+
+
+def options_with(options: tuple[int, ...], value: int) -> list[int]:
+    """A slider's options plus the current value (which a link may have set to anything valid)."""
+    return sorted(set(options) | {int(value)})

@@ -1,19 +1,26 @@
-"""Train page: train the designed net next to its plain twin and watch both, live."""
+"""Train page: train the designed net next to its plain twin and watch both, live.
+
+Every refresh of an active run ships the live charts to the browser, so each series is thinned to at
+most ``LIVE_POINTS`` points, which bounds the chart JSON of a refresh however long the run (the job
+history keeps at most 500 points per series); ``python bench/bench.py --sections app`` measures it.
+The chart builders below call no Streamlit function: the bench and the tests use exactly them.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import replace
 
+import numpy as np
 import plotly.graph_objects as go
 import streamlit as st
 
-from app_pages import jobs, state, train_live
+from app_pages import jobs, state
 from app_pages.help_text import HELP
 from resviz import TrainConfig, plots
 from resviz.data.datasets import DATASETS, DatasetUnavailable, available_datasets
 from resviz.jobs import ACTIVE, JobLimitError, TrainingJob
-from resviz.train.records import JobSnapshot
+from resviz.train.records import JobSnapshot, Points
 
 BATCH_SIZES = (16, 32, 64, 128, 256)
 TRAIN_SIZES = (500, 1000, 2000, 3000, 5000, 10000)
@@ -72,8 +79,9 @@ def _settings() -> tuple[TrainConfig, bool, int]:
     opt = c1.selectbox("Optimizer", ("sgd", "adamw"), key="t_opt", help=HELP["optimizer"])
     lr = c2.number_input("Learning rate", *LR_RANGE, step=0.01, format="%.4f", key="t_lr", help=HELP["lr"])
     epochs = c3.number_input("Epochs", *EPOCH_RANGE, step=0.5, key="t_epochs", help=HELP["epochs"])
-    bs = c1.select_slider("Batch size", _with(BATCH_SIZES, "t_bs"), key="t_bs", help=HELP["batch_size"])
-    n = c2.select_slider("Training images", _with(TRAIN_SIZES, "t_n"), key="t_n", help=HELP["train_size"])
+    ss = st.session_state
+    bs = c1.select_slider("Batch size", state.options_with(BATCH_SIZES, ss["t_bs"]), key="t_bs", help=HELP["batch_size"])
+    n = c2.select_slider("Training images", state.options_with(TRAIN_SIZES, ss["t_n"]), key="t_n", help=HELP["train_size"])
     seed = c3.number_input("Seed", *SEED_RANGE, key="t_seed", help=HELP["seed"])
     device = c1.selectbox("Device", ["auto", *found], key="t_device", help=HELP["device"],
                           format_func=lambda d: f"auto ({auto})" if d == "auto" else d)
@@ -82,9 +90,63 @@ def _settings() -> tuple[TrainConfig, bool, int]:
     return new, twin, int(n)
 
 
-def _with(options: tuple[int, ...], key: str) -> list[int]:
-    """The slider's options plus the current value (which a link may have set to anything valid)."""
-    return sorted(set(options) | {int(st.session_state[key])})
+# -- live charts: pure functions (no Streamlit calls), also used by the bench and the tests ------------
+LIVE_POINTS = 240  # points per series in the live charts; a chart is a few hundred pixels wide
+
+
+def eval_every(n_train: int, cfg: TrainConfig) -> int:
+    """About 20 test evaluations per run, so the test curves fill in while the run goes on."""
+    steps = cfg.epochs * max(1, n_train // min(cfg.batch_size, n_train))
+    return max(5, round(steps / 20))
+
+
+def _thinned(readings: Points, points: int) -> tuple[np.ndarray, np.ndarray]:
+    """At most ``points`` rows of a probe's readings (first and last kept): one refresh stays small."""
+    thinned = readings.thinned(points)
+    return thinned.steps, thinned.values
+
+
+def probe_version(snap: JobSnapshot, net: str, key: str) -> tuple:
+    """What identifies a probe chart's data: the run and the newest probed step (lengths repeat once capped)."""
+    readings = snap.history.probe(net, key)
+    return snap.id, int(readings.steps[-1]) if readings is not None and len(readings) else -1
+
+
+def curves_figure(snap: JobSnapshot, points: int = LIVE_POINTS) -> go.Figure:
+    """Train and test loss and accuracy of every net in the run."""
+    return plots.training_curves_figure(jobs.curves(replace(snap, history=snap.history.thinned(points))))
+
+
+def flow_figure(snap: JobSnapshot, name: str, points: int = LIVE_POINTS) -> go.Figure | None:
+    """Gradient norm per block over training for net ``name`` (None before the first probed step)."""
+    readings = snap.history.probe(name, "grad_block")
+    if readings is None:
+        return None
+    steps, values = _thinned(readings, points)
+    fig = plots.grad_flow_heatmap(steps, [f"b{i}" for i in range(values.shape[1])], values.T)
+    return fig.update_layout(title=f"Gradient flow per block: {name}")
+
+
+def ratio_figure(snap: JobSnapshot, points: int = LIVE_POINTS) -> go.Figure | None:
+    """||F(x)|| / ||S(x)|| per block of the residual net over training (None before the first probed step)."""
+    readings = snap.history.probe("residual", "ratio")
+    if readings is None:
+        return None
+    steps, ratios = _thinned(readings, points)
+    return plots.ratio_figure(steps, ratios, block_names=[f"b{i}" for i in range(ratios.shape[1])])
+
+
+def live_figures(snap: JobSnapshot, points: int = LIVE_POINTS) -> dict[str, go.Figure]:
+    """Every chart one refresh of the live view sends, by name (the bench measures their size)."""
+    figs = {"curves": curves_figure(snap, points)}
+    for name in snap.names:
+        fig = flow_figure(snap, name, points)
+        if fig is not None:
+            figs[f"flow_{name}"] = fig
+    ratio = ratio_figure(snap, points)
+    if ratio is not None:
+        figs["ratio"] = ratio
+    return figs
 
 
 # -- actions ------------------------------------------------------------------------------------
@@ -98,7 +160,7 @@ def _start(dataset: str, folder: str, cfg: TrainConfig, twin: bool, train_size: 
     try:
         bundle = jobs.load_bundle(name, net_cfg.input_size, train_size, cfg.seed)
         net_cfg = state.with_dataset_shape(net_cfg, bundle.num_classes, bundle.channels)
-        cfg = replace(cfg, eval_every=train_live.eval_every(len(bundle.train), cfg))
+        cfg = replace(cfg, eval_every=eval_every(len(bundle.train), cfg))
         job = TrainingJob(net_cfg, bundle, cfg, twin=twin, num_threads=jobs.WORKER_THREADS)
         jobs.registry().submit(jobs.session_id(), job)
     except (DatasetUnavailable, JobLimitError, ValueError) as e:
@@ -162,11 +224,11 @@ def _probe_charts(snap: JobSnapshot) -> None:
         if snap.history.probe(name, "grad_block") is None:
             col.info("Gradient readings appear after the first probed step.")
             continue
-        fig = _figure(f"flow_{name}", train_live.probe_version(snap, name, "grad_block"),
-                      lambda n=name: train_live.flow_figure(snap, n))
+        fig = _figure(f"flow_{name}", probe_version(snap, name, "grad_block"),
+                      lambda n=name: flow_figure(snap, n))
         col.plotly_chart(fig, key=f"t_flow_{name}")
     if snap.history.probe("residual", "ratio") is not None:
-        fig = _figure("ratio", train_live.probe_version(snap, "residual", "ratio"), lambda: train_live.ratio_figure(snap))
+        fig = _figure("ratio", probe_version(snap, "residual", "ratio"), lambda: ratio_figure(snap))
         st.plotly_chart(fig, key="t_ratio")
 
 
@@ -186,7 +248,7 @@ def _live_view(job_id: str, was_active: bool) -> None:
         with st.container():
             _latest_metrics(snap)
         with st.container():
-            fig = _figure("curves", (snap.id, snap.step), lambda: train_live.curves_figure(snap))
+            fig = _figure("curves", (snap.id, snap.step), lambda: curves_figure(snap))
             st.plotly_chart(fig, key="t_curves")
         with st.container():
             _probe_charts(snap)

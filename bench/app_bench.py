@@ -2,7 +2,7 @@
 the time to accuracy of the Train page's default run.
 
 The Train page's defaults, dataset loading, evaluation interval and charts are imported from the app
-itself (``app_pages.state``, ``app_pages.jobs``, ``app_pages.train_live``), so the headless runs
+itself (``app_pages.state``, ``app_pages.jobs``, ``app_pages.train``), so the headless runs
 and the simulated payload are exactly what a user's browser session gets.
 """
 
@@ -26,7 +26,8 @@ from typing import Any
 import numpy as np
 from timing import Row, load_results
 
-from app_pages import jobs, state, train_live
+from app_pages import jobs, state
+from app_pages import train as train_page
 from resviz.jobs import TrainingJob
 from resviz.train.records import History, JobSnapshot, Series, Status
 
@@ -56,7 +57,7 @@ def default_job() -> tuple[TrainingJob, float]:
                               state.DEFAULT_TRAIN.seed)
     load_s = time.perf_counter() - t0
     net_cfg = state.with_dataset_shape(state.DEFAULT_NET, bundle.num_classes, bundle.channels)
-    cfg = replace(state.DEFAULT_TRAIN, eval_every=train_live.eval_every(len(bundle.train), state.DEFAULT_TRAIN))
+    cfg = replace(state.DEFAULT_TRAIN, eval_every=train_page.eval_every(len(bundle.train), state.DEFAULT_TRAIN))
     return TrainingJob(net_cfg, bundle, cfg, twin=True, num_threads=jobs.WORKER_THREADS), load_s
 
 
@@ -274,7 +275,7 @@ def refresh_cost(snap: JobSnapshot, points: int) -> tuple[float, float]:
     import plotly.tools
 
     t0 = time.process_time()
-    figs = train_live.live_figures(snap, points)
+    figs = train_page.live_figures(snap, points)
     size = sum(len(pio.to_json(plotly.tools.return_figure_from_figure_or_data(f, validate_figure=True), validate=False))
                for f in figs.values())
     return size / 1e3, time.process_time() - t0
@@ -282,9 +283,9 @@ def refresh_cost(snap: JobSnapshot, points: int) -> tuple[float, float]:
 
 def _payload_rows() -> list[Row]:
     snap = simulated_snapshot()
-    kb, cpu = refresh_cost(snap, train_live.LIVE_POINTS)
+    kb, cpu = refresh_cost(snap, train_page.LIVE_POINTS)
     kb_all, cpu_all = refresh_cost(snap, 10**9)
-    return [Row("3", f"chart JSON per live refresh, 10-minute run ({train_live.LIVE_POINTS} points per series)",
+    return [Row("3", f"chart JSON per live refresh, 10-minute run ({train_page.LIVE_POINTS} points per series)",
                 f"{kb:.0f} KB, {cpu * 1e3:.0f} ms CPU", f"all 500 stored points: {kb_all:.0f} KB, {cpu_all * 1e3:.0f} ms CPU",
                 kb / kb_all, f"<= {PAYLOAD_LIMIT_KB:.0f} KB", kb <= PAYLOAD_LIMIT_KB)]
 

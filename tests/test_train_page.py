@@ -6,9 +6,9 @@ import numpy as np
 import plotly.io as pio
 import plotly.tools
 
-from app_pages import train_live
+from app_pages import train as train_page
 from resviz import TrainConfig, plots
-from resviz.train.records import History, JobSnapshot, Series, Status
+from resviz.train.records import History, JobSnapshot, Points, Series, Status
 
 BLOCKS = 15  # ResNet-32
 
@@ -45,34 +45,35 @@ def _sent_kb(fig) -> float:
 def test_thin_keeps_the_ends_and_at_most_the_requested_points() -> None:
     steps = np.arange(1, 501)
     values = np.arange(500.0)[:, None] * np.ones(3)
-    s, v = train_live.thin(steps, values, 100)
+    thinned = Points(steps, values).thinned(100)
+    s, v = thinned.steps, thinned.values
     assert len(s) <= 100 and s[0] == 1 and s[-1] == 500 and v.shape == (len(s), 3)
     assert np.all(np.diff(s) > 0) and np.array_equal(v[:, 0], s - 1.0)
-    short, _ = train_live.thin(steps[:50], values[:50], 100)
+    short = Points(steps[:50], values[:50]).thinned(100).steps
     assert np.array_equal(short, steps[:50])  # nothing to thin
 
 
 def test_a_long_run_costs_at_most_300_kb_per_refresh() -> None:
     snap = _snapshot(6000)  # 10 minutes at 10 steps/s; every series at its cap
-    figs = train_live.live_figures(snap)
+    figs = train_page.live_figures(snap)
     assert set(figs) == {"curves", "flow_residual", "flow_plain", "ratio"}
     assert sum(_sent_kb(f) for f in figs.values()) <= 300
-    assert all(len(t.x) <= train_live.LIVE_POINTS for t in figs["ratio"].data)
+    assert all(len(t.x) <= train_page.LIVE_POINTS for t in figs["ratio"].data)
     newest = snap.history.probe("residual", "ratio").steps[-1]
     assert figs["ratio"].data[0].x[-1] == newest  # the newest reading is always drawn
 
 
 def test_probe_charts_are_rebuilt_when_a_new_reading_arrives_even_at_the_cap() -> None:
     a, b = _snapshot(3000), _snapshot(3005)
-    assert train_live.probe_version(a, "residual", "grad_block") != train_live.probe_version(b, "residual", "grad_block")
+    assert train_page.probe_version(a, "residual", "grad_block") != train_page.probe_version(b, "residual", "grad_block")
     empty = _snapshot(3, probes=False)
-    assert train_live.probe_version(empty, "residual", "grad_block") == ("run", -1)
+    assert train_page.probe_version(empty, "residual", "grad_block") == ("run", -1)
 
 
 def test_eval_every_gives_about_20_evaluations() -> None:
     cfg = TrainConfig(epochs=3.0, batch_size=64)
-    assert train_live.eval_every(5000, cfg) == round(3 * 78 / 20)
-    assert train_live.eval_every(100, TrainConfig(epochs=1.0, batch_size=64)) == 5
+    assert train_page.eval_every(5000, cfg) == round(3 * 78 / 20)
+    assert train_page.eval_every(100, TrainConfig(epochs=1.0, batch_size=64)) == 5
 
 
 def test_float32_values_are_sent_in_their_shortest_form_and_unchanged() -> None:
