@@ -24,7 +24,10 @@ SMALL = {
     "degradation": {**TRAIN, "depths": (8, 32), "train_eval": 500},
     "lesion": {**TRAIN, "depth": 32, "eval_size": 300, "draws": 2, "max_swaps": 2, "source": "train"},
     "responses": {**TRAIN, "depths": (8, 32), "eval_size": 200},
-    "landscape": {**TRAIN, "depth": 32, "grid": 7, "line_points": 7, "eval_size": 128, "source": "train"},
+    # The landscape trains at the study's own small budget: after TRAIN's 150 steps the plain-32 twin has
+    # barely left its initialisation, and whether its slice then climbs above the residual net's depends
+    # on the CPU's rounding (it did on one machine and not on another).
+    "landscape": {"grid": 7, "line_points": 7, "eval_size": 128},
     "faithfulness": {**TRAIN, "depth": 32, "images": 10, "source": "train"},
     "signal": {**TRAIN, "depth": 14, "steps": 20, "batch": 64},
     "shattered": {"depths": (8, 56), "width": 8, "pairs": 1, "points": 16, "max_lag": 3},
