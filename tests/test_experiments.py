@@ -1,7 +1,7 @@
 """The paper studies: each reproduces its ordering on a small configuration; results are plain, repeatable data.
 
 The trained studies share one tiny training budget, so the twins the degradation test trains are
-reused (from the in-process cache) by the lesion, responses, landscape and faithfulness tests.
+reused (from the in-process cache) by the lesion, responses and faithfulness tests.
 """
 
 from __future__ import annotations
