@@ -11,7 +11,7 @@ from __future__ import annotations
 import streamlit as st
 from streamlit.navigation.page import StreamlitPage
 
-from app_pages import design, experiments, inspection, jobs, state, train
+from app_pages import design, experiments, inspection, jobs, state, tour, train
 
 ABOUT = (
     "ResViz shows why residual networks work: design a block, watch it train next to its plain twin, "
@@ -22,7 +22,8 @@ ABOUT = (
 def pages() -> list[StreamlitPage]:
     """The navigation, in menu order. The URL paths are part of every shared link: keep them."""
     return [
-        st.Page(design.render, title="Design", icon=":material/architecture:", url_path="", default=True),
+        st.Page(tour.render, title="Why residual networks work", icon=":material/school:", url_path="", default=True),
+        st.Page(design.render, title="Design", icon=":material/architecture:", url_path="design"),
         st.Page(train.render, title="Train", icon=":material/model_training:", url_path="train"),
         st.Page(inspection.render, title="Inspect", icon=":material/search:", url_path="inspect"),
         st.Page(experiments.render, title="Experiments", icon=":material/science:", url_path="experiments"),
@@ -44,7 +45,10 @@ def main() -> None:
     """One script run: the frame around the page the URL names."""
     st.set_page_config(page_title="ResViz", page_icon=":material/hub:", layout="wide")
     state.init_state()
-    page = st.navigation(pages())
+    nav = pages()
+    page = st.navigation(nav)
+    if page.url_path == "" and state.has_design_link():  # a link shared before the tour: it opens Design
+        st.switch_page(nav[1])
     sidebar()
     state.show_url_warning()
     with state.guard(f"The {page.title} page"):

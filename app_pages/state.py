@@ -33,7 +33,7 @@ from typing import Any, NamedTuple
 import streamlit as st
 
 from resviz import NetConfig, TrainConfig
-from resviz.urlconfig import decode_net, decode_train, encode_net, encode_train
+from resviz.urlconfig import BLOCK_KEYS, NET_KEYS, SKIPS_KEY, decode_net, decode_train, encode_net, encode_train
 
 log = logging.getLogger("resviz.app")
 
@@ -115,6 +115,27 @@ def show_url_warning() -> None:
         st.warning(f"The link's configuration was not used, defaults are shown instead: {msg}")
 
 
+PAGE_KEYS = ("step",)  # URL parameters a page owns; sync_url keeps them
+
+
+def has_design_link() -> bool:
+    """Whether this session just opened a URL that carries a net configuration and no page place (a
+    Design link shared before the tour was the landing page). True at most once per session."""
+    if st.session_state.get("_landed"):
+        return False
+    st.session_state["_landed"] = True
+    params = st.query_params.to_dict()
+    net_keys = {*NET_KEYS, *BLOCK_KEYS, SKIPS_KEY}
+    return not any(k in params for k in PAGE_KEYS) and any(k in params for k in net_keys)
+
+
+def query_string() -> str:
+    """The URL query of the session's configuration (for links that open another page with it)."""
+    ss = st.session_state
+    params = encode_net(ss[NET_CFG], DEFAULT_NET) | encode_train(ss[TRAIN_CFG], DEFAULT_TRAIN)
+    return "&".join(f"{k}={v}" for k, v in params.items())
+
+
 def sync_url() -> None:
     """Mirror the session's configuration into the URL so the address reproduces it."""
     ss = st.session_state
@@ -125,7 +146,9 @@ def sync_url() -> None:
         params[TWIN_KEY] = "0"
     if ss[TRAIN_SIZE] != DEFAULT_TRAIN_SIZE:
         params[SIZE_KEY] = str(ss[TRAIN_SIZE])
-    if st.query_params.to_dict() != params:
+    current = st.query_params.to_dict()
+    params |= {k: v for k, v in current.items() if k in PAGE_KEYS}  # a page's own place (the tour's step)
+    if current != params:
         st.query_params.from_dict(params)
 
 

@@ -359,3 +359,47 @@ def loss_landscape_figure(surface: Any, *, alphas: Sequence[float] | None = None
     fig.update_xaxes(title_text="alpha", row=1, col=2)
     fig.update_yaxes(title_text="beta", row=1, col=2)
     return _finish(fig)
+
+
+def block_diagram_figure(skip: bool = True, *, norms: Mapping[str, float] | None = None) -> go.Figure:
+    """The residual block y = act(F(x) + S(x)) drawn as boxes and arrows; the shortcut greys out when off.
+
+    ``norms`` (optional) annotates the arrows with measured magnitudes, e.g. ``{"F": 3.1, "S": 5.0, "y": 5.9}``.
+    """
+    fig = _base("The residual block: y = act(F(x) + S(x))")
+    boxes = {"x": (0.0, 0.5, "x"), "F": (1.6, 0.8, "F(x): conv-norm-act-conv-norm"), "add": (3.2, 0.5, "+"),
+             "act": (4.2, 0.5, "act"), "y": (5.2, 0.5, "y")}
+    s_color = RESIDUAL_COLOR if skip else OFF_COLOR
+    for key, (x, y, text) in boxes.items():
+        wide = 0.95 if key == "F" else 0.3
+        fig.add_shape(type="rect", x0=x - wide, x1=x + wide, y0=y - 0.1, y1=y + 0.1, line={"color": "#444"},
+                      fillcolor="#F3F6FA")
+        fig.add_annotation(x=x, y=y, text=text, showarrow=False, font={"size": 14})
+    arrows = [((0.3, 0.55), (0.65, 0.8), "#444"), ((2.55, 0.8), (2.9, 0.55), "#444"), ((3.5, 0.5), (3.9, 0.5), "#444"),
+              ((4.5, 0.5), (4.9, 0.5), "#444")]
+    for (x0, y0), (x1, y1), color in arrows:
+        fig.add_annotation(x=x1, y=y1, ax=x0, ay=y0, xref="x", yref="y", axref="x", ayref="y", showarrow=True,
+                           arrowhead=2, arrowcolor=color, text="")
+    fig.add_shape(type="path", path="M 0.3 0.45 Q 1.6 0.05 2.9 0.45", line={"color": s_color, "width": 3,
+                  "dash": "solid" if skip else "dot"})
+    label = "S(x) = x: the shortcut" if skip else "shortcut off: y = act(F(x)), a plain block"
+    fig.add_annotation(x=1.6, y=0.12, text=label, showarrow=False, font={"color": s_color, "size": 13})
+    for key, (x, y) in {"F": (1.6, 1.0), "S": (1.6, 0.0), "y": (5.2, 0.75)}.items():
+        if norms and key in norms and not math.isnan(_num(norms[key])):
+            fig.add_annotation(x=x, y=y, text=f"‖{key}‖ = {_num(norms[key]):.3g}", showarrow=False, font={"size": 12})
+    fig.update_xaxes(visible=False, range=[-0.5, 5.7])
+    fig.update_yaxes(visible=False, range=[-0.1, 1.1])
+    return fig.update_layout(height=300, showlegend=False, margin={"l": 10, "r": 10, "t": 50, "b": 10})
+
+
+def deletion_curve_figure(ks: Sequence[int], accuracy: Mapping[str, Sequence[float]], *, chance: float | None = None) -> go.Figure:
+    """Accuracy after deleting k blocks at random, one line per net (the ensemble view of Veit et al.)."""
+    fig = _base("Accuracy after deleting k blocks at random", xaxis_title="blocks deleted (k)", xaxis_dtick=1,
+                yaxis_title="test accuracy",
+                yaxis_tickformat=".0%")
+    for i, (name, acc) in enumerate(accuracy.items()):
+        fig.add_trace(go.Scatter(x=list(ks), y=_clean(acc), mode="lines+markers", name=name,
+                                 line={"color": net_color(name, i)}))
+    if chance is not None:
+        fig.add_hline(y=chance, line={"color": OFF_COLOR, "dash": "dot"}, annotation_text="chance")
+    return _finish(fig)

@@ -15,8 +15,8 @@ def _importable(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.syspath_prepend(str(ROOT))
 
 
-def test_default_page_shows_everything() -> None:
-    at = ok(app())
+def test_design_page_shows_everything() -> None:
+    at = ok(app(page="design"))
     assert len(at.get("plotly_chart")) == 3  # architecture, signal propagation, gradient norms
     assert len(at.latex) == 3 and r"\mathrm{ReLU}" in at.latex[0].value
     from app_pages.state import DEFAULT_NET

@@ -8,7 +8,7 @@ import re
 import pytest
 from apphelpers import ROOT, TINY, app, navigation, ok
 
-NAV_PAGES = ["", "train", "inspect", "experiments"]  # the URL paths every shared link uses
+NAV_PAGES = ["", "design", "train", "inspect", "experiments"]  # the URL paths every shared link uses
 
 
 @pytest.fixture(autouse=True)
@@ -17,7 +17,8 @@ def _importable(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_navigation_lists_the_pages_in_order() -> None:
-    assert navigation(app(TINY)) == list(zip(NAV_PAGES, ["Design", "Train", "Inspect", "Experiments"], strict=True))
+    titles = ["Why residual networks work", "Design", "Train", "Inspect", "Experiments"]
+    assert navigation(app(TINY)) == list(zip(NAV_PAGES, titles, strict=True))
 
 
 @pytest.mark.parametrize("page", NAV_PAGES)

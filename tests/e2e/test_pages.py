@@ -186,3 +186,14 @@ def test_link_of_a_configured_design_reproduces_it_in_a_new_context(server, new_
     assert got == want
     assert location(b) == link
 
+
+
+@pytest.mark.parametrize("step", range(1, 6))
+def test_tour_step_shows_its_picture(server, page, step: int) -> None:
+    open_page(page, page_url(server.url, "", {"step": str(step)}), "h1")
+    assert "Why residual networks work" in page.locator("h1").first.inner_text()
+    poll(lambda: page.locator(PLOT).count() >= 1, 60, what="the step's picture")
+    screenshot(page, f"tour-step-{step}")
+    assert_no_exception(page)
+    assert error_texts(page) == []
+    assert all(chart["traces"] or step == 1 for chart in plot_data(page))  # step 1 is a drawing of shapes

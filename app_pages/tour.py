@@ -1,0 +1,163 @@
+"""The guided tour, the landing page: why residual networks work, in six short steps.
+
+Each step says what to look at, shows one picture measured from a real model (the shipped ResNet-32
+and its plain twin, nets at initialisation, or the studies' stored results) and offers one control.
+The step lives in the URL (``?step=3``), so every step has its own link.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import streamlit as st
+import torch
+
+from app_pages import state
+from resviz import plots, zoo
+from resviz.analysis.inspection import Lesion, inspect_image
+from resviz.experiments.runner import study_figures
+from resviz.experiments.tour import TWINS, gradient_norms_at_init, lesion_curve, stored_result
+
+STEPS = ("The block", "Degradation", "Why: gradients", "Ensembles", "Loss landscapes", "Your turn")
+LESION_IMAGES = 256  # test images per accuracy in the deletion step: about a second for all k on a laptop CPU
+
+
+@st.cache_resource(show_spinner=False)
+def _twins() -> dict[str, tuple]:
+    """The shipped ResNet-32 and its plain twin with their infos, loaded once per server (read-only)."""
+    by_name = {m.name: m for m in zoo.shipped_models()}
+    return {("residual" if "resnet" in n else "plain"): zoo.load_shipped(by_name[n]) for n in TWINS if n in by_name}
+
+
+@st.cache_data(show_spinner=False)
+def _samples() -> tuple[np.ndarray, np.ndarray]:
+    net, info = _twins()["residual"]
+    data = zoo.dataset_samples(info, LESION_IMAGES)
+    x, y = data.tensors
+    return x[:LESION_IMAGES].numpy(), y[:LESION_IMAGES].numpy()
+
+
+@st.cache_data(show_spinner=False)
+def _deletions(max_k: int) -> tuple[tuple[int, ...], dict[str, tuple[float, ...]]]:
+    x, y = (torch.from_numpy(a) for a in _samples())
+    nets = {name: net for name, (net, _info) in _twins().items()}
+    curve = lesion_curve(nets, x, y, tuple(range(max_k + 1)))
+    return curve.ks, curve.accuracy
+
+
+@st.cache_data(show_spinner=False)
+def _init_grads(depth: int) -> dict[str, np.ndarray]:
+    return gradient_norms_at_init(depth)
+
+
+def _step_block() -> None:
+    st.markdown("A residual block adds its input back: **y = act(F(x) + S(x))**. F, the *residual* branch, "
+                "only has to learn a change to x; S is the identity (or a projection when the shape changes). "
+                "Switch the shortcut off and the same block becomes a plain layer, y = act(F(x)).")
+    skip = st.toggle("Shortcut on", value=True, key="tour_skip")
+    net, info = _twins()["residual"]
+    x, _y = _samples()
+    n_blocks = len(net.blocks)
+    lesion = Lesion(skips=(True,) * n_blocks if skip else tuple(i != 3 for i in range(n_blocks)))
+    result = inspect_image(net, torch.from_numpy(x[0]), classes=info.classes, lesion=lesion, block=None)
+    norms = {"F": float(result.f_norm[3]), "S": float(result.s_norm[3]) if skip else float("nan")}
+    st.plotly_chart(plots.block_diagram_figure(skip, norms=norms), key="tour_block")
+    label, prob = result.top[0].label, result.top[0].prob
+    st.caption(f"Measured on block 4 of the shipped ResNet-32 for one test image: the net says **{label}** "
+               f"({prob:.0%}) with this shortcut {'on' if skip else 'off'}.")
+
+
+def _step_degradation() -> None:
+    st.markdown("He et al. (2016) found that a deeper *plain* net trains **worse** than a shallower one, although it "
+                "could copy it and add identity layers. With skip connections, deeper nets train as well or better. "
+                "Darker lines are deeper nets.")
+    result = stored_result("degradation")
+    if result is None:
+        st.info("The stored degradation results are not here; `python -m scripts.docgen results degradation` makes them.")
+        return
+    which = st.segmented_control("Show", ["training curves", "error by depth"], default="training curves", key="tour_deg")
+    figs = study_figures(result)
+    st.plotly_chart(figs["training_curves" if which != "error by depth" else "error_by_depth"], key="tour_deg_fig")
+    st.caption(f"Stored result of `python -m resviz study degradation` ({result['config'].get('budget')} budget, "
+               f"seed {result['config'].get('seed')}).")
+
+
+def _step_gradients() -> None:
+    st.markdown("Why: at initialisation the gradient that reaches the early blocks of a deep plain net is "
+                "out of scale: with batch norm after each convolution it grows with every layer it passes back "
+                "through (other designs make it vanish). The shortcuts of a residual net keep it within a small "
+                "factor from end to end. Pick a depth and compare the two lines at the input end.")
+    depth = st.select_slider("Depth", [8, 20, 32, 56, 110], value=56, key="tour_depth")
+    grads = _init_grads(int(depth))
+    st.plotly_chart(plots.grad_norm_figure(grads["residual"], grads["plain"]), key="tour_grad_fig")
+    st.caption("Measured now on freshly initialised nets (width 8, 16x16 random inputs, same weights for both).")
+
+
+def _step_ensembles() -> None:
+    st.markdown("Veit et al. (2016): a residual net behaves like an ensemble of many shorter paths, so it "
+                "survives losing blocks: the trained ResNet-32 loses accuracy step by step as blocks go, "
+                "while its plain twin drops to chance (12.5%) at the first deletion.")
+    k = st.slider("Blocks deleted at random", 1, 6, 3, key="tour_k")
+    ks, acc = _deletions(6)
+    st.plotly_chart(plots.deletion_curve_figure(ks[: k + 1], {n: a[: k + 1] for n, a in acc.items()}, chance=1 / 8),
+                    key="tour_del_fig")
+    st.caption(f"Shipped ResNet-32 and plain-32 on {LESION_IMAGES} `shapes` test images; the same random blocks "
+               "for both nets, mean of 3 draws per k.")
+
+
+def _step_landscape() -> None:
+    st.markdown("Li et al. (2018): around the trained weights, the loss of a residual net is a smooth bowl; "
+                "the plain net's is rough and chaotic, which is what makes it hard to train.")
+    result = stored_result("landscape-shipped")
+    if result is None:
+        st.info("The stored landscape results are not here; `python -m scripts.docgen results landscape-shipped` makes them.")
+        return
+    net = st.segmented_control("Net", ["residual", "plain"], default="residual", key="tour_land")
+    figs = study_figures(result)
+    st.plotly_chart(figs[f"surface_{net or 'residual'}"], key="tour_land_fig")
+    st.caption("Stored result of the landscape study on the shipped ResNet-32 and its plain twin.")
+
+
+def _step_your_turn() -> None:
+    query = state.query_string()
+    link = f"?{query}" if query else ""
+    st.markdown("Now try it yourself, with the settings you have:\n\n"
+                f"- [Design]({'design' + link}) a residual net and compare it with its plain twin at initialisation\n"
+                f"- [Train]({'train' + link}) a ResNet beside its plain twin, live\n"
+                f"- [Inspect]({'inspect' + link}) every block of the shipped ResNet-32 (or any model) on an image\n"
+                "- [Experiments](experiments): the papers' studies, with their stored results")
+
+
+RENDERERS: tuple[Callable[[], None], ...] = (_step_block, _step_degradation, _step_gradients, _step_ensembles,
+                                             _step_landscape, _step_your_turn)
+
+
+def _current_step() -> int:
+    try:
+        return min(max(int(st.query_params.get("step", 1)), 1), len(STEPS))
+    except ValueError:
+        return 1
+
+
+def render() -> None:
+    st.title("Why residual networks work")
+    step = _current_step()
+    labels = [f"{i}. {name}" for i, name in enumerate(STEPS, start=1)]
+    chosen = st.segmented_control("Step", labels, default=labels[step - 1], key=f"tour_nav_{step}",
+                                  label_visibility="collapsed")
+    if chosen and labels.index(chosen) + 1 != step:
+        st.query_params["step"] = str(labels.index(chosen) + 1)
+        st.rerun()
+    st.subheader(labels[step - 1])
+    if not _twins():
+        st.warning("The shipped nets in pretrained/ are missing; the steps that use them cannot run.")
+        return
+    RENDERERS[step - 1]()
+    prev, nxt = st.columns(2)
+    if step > 1 and prev.button("Previous", key="tour_prev"):
+        st.query_params["step"] = str(step - 1)
+        st.rerun()
+    if step < len(STEPS) and nxt.button("Next", key="tour_next", type="primary"):
+        st.query_params["step"] = str(step + 1)
+        st.rerun()
