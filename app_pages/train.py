@@ -112,9 +112,13 @@ def probe_version(snap: JobSnapshot, net: str, key: str) -> tuple:
     return snap.id, int(readings.steps[-1]) if readings is not None and len(readings) else -1
 
 
-def curves_figure(snap: JobSnapshot, points: int = LIVE_POINTS) -> go.Figure:
-    """Train and test loss and accuracy of every net in the run."""
-    return plots.training_curves_figure(jobs.curves(replace(snap, history=snap.history.thinned(points))))
+SMOOTHING = 0.6  # default smoothing of the per-batch train curves (TensorBoard's default is 0.6 too)
+
+
+def curves_figure(snap: JobSnapshot, points: int = LIVE_POINTS, smoothing: float = SMOOTHING) -> go.Figure:
+    """Train and test loss and accuracy of every net in the run (train curves smoothed, raw faint behind)."""
+    history = jobs.curves(replace(snap, history=snap.history.thinned(points)))
+    return plots.training_curves_figure(history, smoothing=smoothing)
 
 
 def flow_figure(snap: JobSnapshot, name: str, points: int = LIVE_POINTS) -> go.Figure | None:
@@ -248,7 +252,8 @@ def _live_view(job_id: str, was_active: bool) -> None:
         with st.container():
             _latest_metrics(snap)
         with st.container():
-            fig = _figure("curves", (snap.id, snap.step), lambda: curves_figure(snap))
+            smoothing = float(st.session_state.get("t_smooth", SMOOTHING))
+            fig = _figure("curves", (snap.id, snap.step, smoothing), lambda: curves_figure(snap, smoothing=smoothing))
             st.plotly_chart(fig, key="t_curves")
         with st.container():
             _probe_charts(snap)
@@ -313,6 +318,8 @@ def render() -> None:
         st.info("Press Start to train: progress and speed appear here while the run goes.")
         return
     active = job.active
+    st.slider("Smoothing of the per-batch curves", 0.0, 0.95, SMOOTHING, 0.05, key="t_smooth",
+              help="TensorBoard-style moving average of the training loss and accuracy; the raw curves stay faint behind.")
     st.fragment(_live_view, run_every=REFRESH_S if active else None)(job.id, active)
     _exports(job)
     _compare(job_list)

@@ -78,13 +78,13 @@ def _clean(values: Any, *, positive: bool = False) -> list[float | None]:
     return [None if b else float(v) for v, b in zip(a, bad)]
 
 
-def _grid(values: Any, *, log: bool = False) -> list[list[float | None]]:
-    """2-D nested list with None for gaps; ``log`` takes log10 (non-positive -> gap)."""
+def _grid(values: Any, *, log: bool = False, decimals: int = 6) -> list[list[float | None]]:
+    """2-D nested list with None for gaps; ``log`` takes log10 (non-positive -> gap), rounded to ``decimals``."""
     a = _arr(values)
     if a.ndim != 2 or a.size == 0:
         return []
-    if log:  # colours only: 6 decimals of a decade are far below what a colour scale shows
-        a = np.where(a > 0, np.log10(np.where(a > 0, a, 1.0)).round(6), np.nan)
+    if log:  # colours only: a few decimals of a decade are far below what a colour scale shows
+        a = np.where(a > 0, np.log10(np.where(a > 0, a, 1.0)).round(decimals), np.nan)
     return [[None if math.isnan(v) else float(v) for v in row] for row in a]
 
 
@@ -208,11 +208,24 @@ def grad_norm_figure(res_norms: Sequence[float] | Mapping[str, float] | None,
     return _finish(fig)
 
 
-def training_curves_figure(history: Mapping[str, Mapping[str, Any]]) -> go.Figure:
+def smooth(values: Sequence[float | None], weight: float) -> list[float | None]:
+    """TensorBoard's smoothing: a debiased exponential moving average; gaps stay gaps and are skipped."""
+    out, last, norm = [], 0.0, 0.0
+    for v in values:
+        if v is None:
+            out.append(None)
+            continue
+        last, norm = weight * last + (1 - weight) * v, weight * norm + (1 - weight)
+        out.append(last / norm)
+    return out
+
+
+def training_curves_figure(history: Mapping[str, Mapping[str, Any]], *, smoothing: float = 0.0) -> go.Figure:
     """Train (solid) and test (dashed) loss and accuracy of each net, overlaid in two panels.
 
     ``history[net] = {step, loss, acc, test_step, test_loss, test_acc}`` (lists); a ``<key>_step`` entry
-    (e.g. ``test_loss_step``) gives that series its own steps.
+    (e.g. ``test_loss_step``) gives that series its own steps. With ``smoothing`` in (0, 1) the per-batch
+    train curves are smoothed as TensorBoard does, with the raw curve drawn faint behind.
     """
     fig = make_subplots(rows=1, cols=2, subplot_titles=("loss", "accuracy"))
     fig.update_layout(title="Training curves", template=TEMPLATE, hovermode="x unified")
@@ -221,6 +234,11 @@ def training_curves_figure(history: Mapping[str, Mapping[str, Any]]) -> go.Figur
         for col, key in ((1, "loss"), (2, "acc")):
             for split, xk, yk, dash in (("train", "step", key, "solid"), ("test", "test_step", f"test_{key}", "dash")):
                 x, y = _xy(h.get(f"{yk}_step", h.get(xk)), h.get(yk))
+                if split == "train" and 0 < smoothing < 1:
+                    fig.add_trace(go.Scatter(x=x, y=y, mode="lines", name=f"{name} {split} (raw)", legendgroup=name,
+                                             showlegend=False, hoverinfo="skip", opacity=0.25,
+                                             line={"color": color, "width": 1}), row=1, col=col)
+                    y = smooth(y, smoothing)
                 fig.add_trace(go.Scatter(x=x, y=y, mode="lines" if split == "train" else "lines+markers",
                                          name=f"{name} {split}", legendgroup=name, showlegend=col == 1,
                                          line={"color": color, "dash": dash}), row=1, col=col)
@@ -248,17 +266,22 @@ def grad_flow_heatmap(steps: Sequence[float], layer_names: Sequence[str], norms:
 
 
 def ratio_figure(steps: Sequence[float], ratios: Any, *, block_names: Sequence[str] | None = None) -> go.Figure:
-    """||F(x)|| / ||S(x)|| per block over training (one line per block, darker = deeper), log y."""
-    fig = _base("Residual branch vs shortcut: ||F(x)|| / ||S(x)||", xaxis_title="step", yaxis_title="ratio", yaxis_type="log")
+    """||F(x)|| / ||S(x)|| of every block (rows, input at the top) over training steps (columns).
+
+    A heatmap on a log colour scale stays readable at 15 blocks and at 54, where one line per block
+    would not; the hover shows the block, the step and the ratio itself.
+    """
+    fig = _base("Residual branch vs shortcut, per block: ||F(x)|| / ||S(x)||", xaxis_title="step", yaxis_title="block")
     a = _arr(ratios)
     a = a.reshape(len(a), -1) if a.ndim == 1 and a.size else a
-    n = a.shape[1] if a.ndim == 2 else 0
-    for j in range(n):
-        shade = 0.25 + 0.75 * (j + 1) / n
-        name = block_names[j] if block_names is not None and j < len(block_names) else f"block {j}"
-        x, y = _xy(steps, a[:, j], positive=True)
-        fig.add_trace(go.Scatter(x=x, y=y, mode="lines", name=name, line={"color": f"rgba(0,114,178,{shade:.2f})"}))
-    fig.add_hline(y=1.0, line={"color": OFF_COLOR, "dash": "dot"})
+    if a.ndim == 2 and a.size:
+        n = a.shape[1]
+        names = [block_names[j] if block_names is not None and j < len(block_names) else f"block {j}" for j in range(n)]
+        z = _grid(a.T, log=True, decimals=3)  # 0.2% steps of the ratio: colours cannot show finer ones
+        fig.add_trace(go.Heatmap(x=_clean(steps)[: a.shape[0]] or None, y=names, z=z, customdata=_grid(a.T),
+                                 colorscale="Cividis", colorbar=_log_colorbar(z, "ratio"),
+                                 hovertemplate="step %{x}<br>%{y}<br>||F|| / ||S|| = %{customdata:.3g}<extra></extra>"))
+        fig.update_yaxes(autorange="reversed")
     return _finish(fig)
 
 

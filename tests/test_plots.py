@@ -119,6 +119,12 @@ def test_training_curves_figure():
     assert list(res_loss.y) == [2.3, None, 1.5]
     assert {t.line.color for t in fig.data if t.name.startswith("plain")} == {PLAIN_COLOR}
     assert {t.line.dash for t in fig.data if "test" in t.name} == {"dash"}
+    smoothed = plots.training_curves_figure(hist, smoothing=0.6)
+    assert len(smoothed.data) == 12  # each train curve gets its raw copy, faint, behind it
+    raw = [t for t in smoothed.data if t.name == "residual train (raw)" and t.xaxis == "x"][0]
+    assert list(raw.y) == [2.3, None, 1.5] and raw.opacity == 0.25
+    sm = [t for t in smoothed.data if t.name == "residual train" and t.xaxis == "x"][0]
+    assert sm.y[0] == pytest.approx(2.3) and sm.y[1] is None and 1.5 < sm.y[2] < 2.3  # debiased EMA
     for empty in (plots.training_curves_figure({}), plots.training_curves_figure({"residual": {}})):
         renders(empty)
         assert has_no_data_note(empty)
@@ -141,9 +147,12 @@ def test_ratio_figure():
     ratios = np.array([[0.1, 1.0], [0.2, NAN], [0.3, 2.0]])
     fig = plots.ratio_figure([0, 1, 2], ratios, block_names=["b0", "b1"])
     renders(fig)
-    assert [t.name for t in fig.data] == ["b0", "b1"]
-    assert list(fig.data[1].y) == [1.0, None, 2.0]
-    assert fig.layout.yaxis.type == "log"
+    (hm,) = fig.data  # one heatmap however many blocks: rows are blocks, columns steps
+    assert list(hm.y) == ["b0", "b1"] and list(hm.x) == [0, 1, 2]
+    assert list(hm.customdata[1]) == [1.0, None, 2.0]  # the ratio itself, for the hover
+    assert hm.z[1][0] == 0.0 and hm.z[1][1] is None and abs(hm.z[1][2] - math.log10(2.0)) < 1e-3  # log10 colours
+    wide = plots.ratio_figure(list(range(10)), np.ones((10, 54)))
+    assert len(wide.data) == 1 and len(wide.data[0].y) == 54
     assert has_no_data_note(plots.ratio_figure([], np.zeros((0, 3))))
     renders(plots.ratio_figure([], []))
 

@@ -80,7 +80,7 @@ def test_float32_values_are_sent_in_their_shortest_form_and_unchanged() -> None:
     values = np.random.default_rng(1).lognormal(-2.0, 2.0, 400).astype(np.float32)
     values[7] = np.nan
     fig = plots.ratio_figure(np.arange(400), values[:, None])
-    sent = np.array([np.nan if v is None else v for v in fig.data[0].y], dtype=np.float64)
+    sent = np.array([np.nan if v is None else v for v in fig.data[0].customdata[0]], dtype=np.float64)
     kept = np.isfinite(values)
     assert np.array_equal(sent[kept].astype(np.float32), values[kept]) and np.isnan(sent[7])
     wide = plots.ratio_figure(np.arange(400), values.astype(np.float64)[:, None])  # every float32 digit spelled out
