@@ -265,7 +265,18 @@ def _example_shapes(gm: fx.GraphModule, example_input: torch.Tensor | tuple) -> 
             m.training = t
 
 
-def find_merges(gm: fx.GraphModule, root: nn.Module | None = None) -> list[tuple[fx.Node, MergeInfo]]:
+@dataclass(frozen=True, eq=False)
+class Found:
+    """A merge found in a graph: its addition node, its info, its fork and the nodes of each path."""
+
+    node: fx.Node
+    info: MergeInfo
+    fork: fx.Node
+    branch_nodes: tuple[fx.Node, ...]
+    shortcut_nodes: tuple[fx.Node, ...]
+
+
+def find_merges(gm: fx.GraphModule, root: nn.Module | None = None) -> list[Found]:
     """The merge nodes of a traced, shape-annotated graph with their :class:`MergeInfo`, in order.
 
     ``root`` is the traced model (its module names are the owners'; default ``gm``).
@@ -299,15 +310,15 @@ def find_merges(gm: fx.GraphModule, root: nn.Module | None = None) -> list[tuple
     owners = [f[1] for f in found]
     merges = []
     for i, (node, owner, fork, fpath, spath, branch, swork) in enumerate(found):
-        merges.append((node, MergeInfo(
+        info = MergeInfo(
             index=i, name=_merge_name(owner, owners, i, owners_of), owner=owner, fork=fork.name,
             branch=_modules_on(fpath), shortcut_modules=_modules_on(spath),
-            shortcut="projection" if swork else "identity", shape=_shape(node) or (), branch_operand=branch)))
+            shortcut="projection" if swork else "identity", shape=_shape(node) or (), branch_operand=branch)
+        merges.append(Found(node, info, fork, tuple(fpath), tuple(spath)))
     return merges
 
 
-def _skeleton(model: nn.Module, example_input: torch.Tensor | tuple
-              ) -> tuple[fx.GraphModule, list[tuple[fx.Node, MergeInfo]], tuple[str, ...]]:
+def _skeleton(model: nn.Module, example_input: torch.Tensor | tuple) -> tuple[fx.GraphModule, list[Found], tuple[str, ...]]:
     """Trace ``model`` keeping whole every module that contains no merge, and find the merges.
 
     A first trace (through everything traceable) finds which modules perform residual additions;
@@ -317,7 +328,7 @@ def _skeleton(model: nn.Module, example_input: torch.Tensor | tuple
     full, opaque = trace(model)
     _example_shapes(full, example_input)
     through: set[str] = set()
-    for _, info in find_merges(full):
+    for info in (f.info for f in find_merges(full)):
         parts = info.owner.split(".") if info.owner else []
         through.update(".".join(parts[:k]) for k in range(1, len(parts) + 1))
     gm, _ = trace(model, through=through)
@@ -332,7 +343,7 @@ def discover(model: nn.Module, example_input: torch.Tensor | tuple) -> ResidualM
         TraceError: when the model cannot be traced.
     """
     _, found, opaque = _skeleton(model, example_input)
-    return ResidualMap(tuple(info for _, info in found), opaque)
+    return ResidualMap(tuple(f.info for f in found), opaque)
 
 
 class Merge(nn.Module):
@@ -402,6 +413,38 @@ class Residualized(fx.GraphModule):
             m.scale = v
 
 
+class Tap(nn.Module):
+    """An identity placed on a merge's input x (``entry``) or at the start of one of its paths; hooks on
+    it see x, and a pre-hook may hand each path its own view of x (the gradient split by path)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+def _insert_taps(gm: fx.GraphModule, fd: Found, new_of: dict[fx.Node, fx.Node], merge_node: fx.Node) -> None:
+    """Route the fork x through ``merge.entry``, then ``merge.branch_in`` into F and ``merge.shortcut_in`` into S."""
+    merge = gm.get_submodule(fd.info.name)
+    for part in ("entry", "branch_in", "shortcut_in"):
+        merge.add_module(part, Tap())
+    fork = new_of.get(fd.fork, fd.fork)
+    on_f = {new_of.get(n, n) for n in fd.branch_nodes}
+    on_s = {new_of.get(n, n) for n in fd.shortcut_nodes}
+    users = list(fork.users)
+    with gm.graph.inserting_after(fork):
+        entry = gm.graph.call_module(f"{fd.info.name}.entry", (fork,))
+    with gm.graph.inserting_after(entry):
+        s_in = gm.graph.call_module(f"{fd.info.name}.shortcut_in", (entry,))
+    with gm.graph.inserting_after(entry):
+        f_in = gm.graph.call_module(f"{fd.info.name}.branch_in", (entry,))
+    for user in users:
+        if user in on_f:
+            user.replace_input_with(fork, f_in)
+        elif user in on_s:
+            user.replace_input_with(fork, s_in)
+        elif user is merge_node:  # an identity shortcut: S(x) is x itself
+            merge_node.args = (merge_node.args[0], s_in)
+
+
 def residualize(model: nn.Module, example_input: torch.Tensor | tuple) -> Residualized:
     """A copy of ``model`` with every residual merge replaced by a :class:`Merge` module.
 
@@ -415,16 +458,21 @@ def residualize(model: nn.Module, example_input: torch.Tensor | tuple) -> Residu
     import copy
 
     gm, found, opaque = _skeleton(copy.deepcopy(model), example_input)
-    for node, info in found:
-        gm.add_submodule(info.name, Merge(info))
-        f, s = (node.args[0], node.args[1]) if info.branch_operand == 0 else (node.args[1], node.args[0])
-        with gm.graph.inserting_after(node):
-            new = gm.graph.call_module(info.name, (f, s))
-        node.replace_all_uses_with(new)
-        new.meta = dict(node.meta)
-        gm.graph.erase_node(node)
+    new_of: dict[fx.Node, fx.Node] = {}  # replaced addition -> its merge node (a later fork or path node)
+    for fd in found:
+        merge = Merge(fd.info)
+        gm.add_submodule(fd.info.name, merge)
+        a, b = (new_of.get(n, n) for n in fd.node.args)
+        f, s = (a, b) if fd.info.branch_operand == 0 else (b, a)
+        with gm.graph.inserting_after(fd.node):
+            new = gm.graph.call_module(fd.info.name, (f, s))
+        fd.node.replace_all_uses_with(new)
+        new.meta = dict(fd.node.meta)
+        gm.graph.erase_node(fd.node)
+        new_of[fd.node] = new
+        _insert_taps(gm, fd, new_of, new)
     gm.graph.lint()
     out = Residualized(gm, gm.graph, type(model).__name__)
-    out.residual_map = ResidualMap(tuple(info for _, info in found), opaque)
+    out.residual_map = ResidualMap(tuple(f.info for f in found), opaque)
     out.train(model.training)
     return out
