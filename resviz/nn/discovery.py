@@ -445,19 +445,21 @@ def _insert_taps(gm: fx.GraphModule, fd: Found, new_of: dict[fx.Node, fx.Node], 
             merge_node.args = (merge_node.args[0], s_in)
 
 
-def residualize(model: nn.Module, example_input: torch.Tensor | tuple) -> Residualized:
-    """A copy of ``model`` with every residual merge replaced by a :class:`Merge` module.
+def residualize(model: nn.Module, example_input: torch.Tensor | tuple, *, copy: bool = True) -> Residualized:
+    """``model`` with every residual merge replaced by a :class:`Merge` module.
 
     With every merge untouched (skip on, nothing removed, scale 1) its outputs and gradients are
-    bit-identical to ``model``'s; its parameters are copies under the same names (``state_dict`` keys
-    match). ``model`` itself is not changed.
+    bit-identical to ``model``'s, and ``state_dict`` keys match. With ``copy`` (the default) its
+    modules and parameters are copies and ``model`` is never changed; with ``copy=False`` it calls
+    ``model``'s own modules (same parameter objects: an optimizer of ``model`` trains it), and the
+    merge and tap modules live in the residualized graph only.
 
     Raises:
         TraceError: when the model cannot be traced.
     """
-    import copy
+    import copy as copying
 
-    gm, found, opaque = _skeleton(copy.deepcopy(model), example_input)
+    gm, found, opaque = _skeleton(copying.deepcopy(model) if copy else model, example_input)
     new_of: dict[fx.Node, fx.Node] = {}  # replaced addition -> its merge node (a later fork or path node)
     for fd in found:
         merge = Merge(fd.info)
