@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torchvision
 from torch import nn
 
 from resviz import NetConfig, build_net
-from resviz.nn.discovery import Merge, TraceError, discover, residualize
+from resviz.nn.discovery import GraphBlock, TraceError, discover, residualize
 
 timm = pytest.importorskip("timm")
 
@@ -104,7 +105,7 @@ def test_residualized_is_bit_identical(source: str, name: str, size: int) -> Non
     g0 = torch.autograd.grad(y0.square().sum(), list(model.parameters()))
     g1 = torch.autograd.grad(y1.square().sum(), list(res.parameters()))
     assert all(torch.equal(a, b) for a, b in zip(g0, g1))
-    assert all(isinstance(m, Merge) for m in res.merges) and len(res.merges) == len(res.residual_map)
+    assert all(isinstance(b, GraphBlock) for b in res.blocks) and len(res.blocks) == len(res.residual_map)
 
 
 def test_residualize_leaves_the_original_alone_and_keeps_train_mode() -> None:
@@ -142,7 +143,7 @@ def test_set_skips_and_removed_change_the_output_and_restore() -> None:
     assert res.skips == (False,) * 8 and not torch.equal(res(x), ref)
     res.set_skips([True] * 8)
     res.set_removed([1, 4])
-    assert [m.removed for m in res.merges] == [i in (1, 4) for i in range(8)]
+    assert [b.merge.removed for b in res.blocks] == [i in (1, 4) for i in range(8)]
     assert not torch.equal(res(x), ref)
     res.set_removed([])
     res.set_scale(0.5)
@@ -197,3 +198,71 @@ def test_untraceable_submodule_is_kept_whole_and_reported() -> None:
 def test_untraceable_model_names_the_module_and_construct() -> None:
     with pytest.raises(TraceError, match=r"Untraceable\.forward .*control flow"):
         discover(Untraceable(), torch.randn(1, 3, 8, 8))
+
+
+# -- every instrument on a residualized model -------------------------------------------------------
+from resviz.analysis.attribution import attribute  # noqa: E402
+from resviz.analysis.inspection import Lesion, inspect_image, lesioned, predict, removal_effects  # noqa: E402
+from resviz.analysis.probes import Activations, BranchMagnitudes, GradientFlow, LiveProbes, SignalProp  # noqa: E402
+from resviz.nn.merge import junctions, merges  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tv_resnet18() -> nn.Module:
+    return residualize(make("torchvision", "resnet18"), torch.randn(1, 3, 64, 64))
+
+
+def test_junctions_of_a_residualized_model_hook_its_input_and_paths(tv_resnet18: nn.Module) -> None:
+    js = junctions(tv_resnet18)
+    assert len(js) == len(merges(tv_resnet18)) == 8
+    assert all(j.block is b and j.entry is b.entry and j.branch is b.branch_in for j, b in zip(js, tv_resnet18.blocks))
+    names = {id(p): n for n, p in tv_resnet18.named_parameters()}
+    assert {names[id(p)] for p in js[2].parameters()} >= {"layer2.0.conv1.weight", "layer2.0.downsample.0.weight"}
+
+
+def test_branch_magnitudes_and_activations_measure_f_and_s(tv_resnet18: nn.Module) -> None:
+    model, x = tv_resnet18, torch.randn(2, 3, 64, 64)
+    orig = make("torchvision", "resnet18")
+    taken = {}
+    hooks = [orig.layer1[0].bn2.register_forward_hook(lambda m, i, o: taken.setdefault("f", o)),
+             orig.maxpool.register_forward_hook(lambda m, i, o: taken.setdefault("s", o))]
+    with torch.no_grad():
+        orig(x)
+    for h in hooks:
+        h.remove()
+    with torch.no_grad(), BranchMagnitudes(model) as probe, Activations(model, blocks=[0]) as acts:
+        model(x)
+    res = probe.result()
+    torch.testing.assert_close(res["f_norm"][0, 0], taken["f"].flatten(1).norm(dim=1).mean())
+    torch.testing.assert_close(res["s_norm"][0, 0], taken["s"].flatten(1).norm(dim=1).mean())
+    maps = acts.result()
+    assert maps is not None
+
+
+def test_gradient_flow_splits_by_path_and_signal_prop_reads_every_block(tv_resnet18: nn.Module) -> None:
+    model, x, y = tv_resnet18, torch.randn(2, 3, 64, 64), torch.tensor([1, 7])
+    with GradientFlow(model) as flow:
+        nn.functional.cross_entropy(model(x), y).backward()
+        flow.record()
+    g = flow.result()
+    assert g["grad_total"].shape == (1, 8) and (g["grad_branch"] > 0).all() and (g["grad_shortcut"] > 0).all()
+    assert (g["grad_block"] > 0).all()
+    model.zero_grad(set_to_none=True)
+    with torch.no_grad(), SignalProp(model) as sig:
+        model(x)
+    assert all(v.shape[-1] == 8 for v in sig.result().values())
+    with torch.no_grad(), LiveProbes(model) as live:
+        model(x)
+    assert live.drain()["ratio"].shape == (1, 8)
+
+
+def test_lesions_inspection_and_gradcam_on_a_residualized_model(tv_resnet18: nn.Module) -> None:
+    model, x = tv_resnet18, torch.randn(3, 64, 64)
+    intact = predict(model, x)
+    with lesioned(model, Lesion(skips=(False,) * 8)):
+        assert not np.allclose(predict(model, x), intact)
+    np.testing.assert_array_equal(predict(model, x), intact)
+    result = inspect_image(model, x, block=1, channels=4)
+    assert result.f_norm.shape == (8,) and result.maps.sum.shape == (4, 16, 16)
+    assert removal_effects(model, x).shape == (8,)
+    assert attribute(model, x, "gradcam", block=7).heatmap.shape == (64, 64)

@@ -19,11 +19,16 @@ module and the construct, and :class:`TraceError` carries it.
 from __future__ import annotations
 
 import operator
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
+
+from resviz.nn import merge as merge_seam
+from resviz.nn.blocks import Add  # the merge module of ResViz's own blocks, reused here
 
 ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add)
 ADD_METHODS = ("add", "add_")
@@ -240,9 +245,7 @@ def _owner(node: fx.Node) -> str:
 def _merge_name(owner: str, owners: list[str], i: int, modules: dict[str, nn.Module]) -> str:
     """``<owner>.merge`` (``merge0``, ``merge1``... when the owner adds more than once); a module that is
     itself a merge (ResViz's own ``Add``) keeps its name."""
-    from resviz.nn.blocks import Add  # ResViz's own merge module: a net built by ResViz names its merges
-
-    if owner and isinstance(modules.get(owner), Add | Merge) and owners.count(owner) == 1:
+    if owner and isinstance(modules.get(owner), Add | GraphBlock) and owners.count(owner) == 1:
         return owner
     suffix = "merge" if owners.count(owner) == 1 else f"merge{owners[:i].count(owner)}"
     return f"{owner}.{suffix}" if owner else suffix
@@ -346,86 +349,82 @@ def discover(model: nn.Module, example_input: torch.Tensor | tuple) -> ResidualM
     return ResidualMap(tuple(f.info for f in found), opaque)
 
 
-class Merge(nn.Module):
-    """The addition of a residual connection, receiving F(x) and S(x) separately.
+class GraphBlock(nn.Module):
+    """A residual connection inside a traced model: its merge, and taps on its input and paths.
 
-    ``y = scale * F(x) + S(x)`` while ``skip`` is on (``scale`` 1.0 adds nothing: the result is then
-    bit-identical to the original addition); ``F(x)`` alone with the skip off (the plain twin);
-    ``S(x)`` alone when ``removed`` (Veit et al.'s deletion of the block).
+    The graph calls it with F(x) and S(x) and it hands them to ``merge`` (an ``Add``: the module
+    instruments and lesions address), passing ``s = None`` while the skip is off (y = F(x), the plain
+    twin) and ``f = None`` when the block is removed (y = S(x), Veit et al.'s deletion). ``scale``
+    multiplies F(x) (residual scaling; 1.0 computes nothing, so the untouched model is bit-identical to
+    the original). ``entry`` sees x; ``branch_in`` and ``shortcut_in`` pass x on to F and to S.
     """
 
-    def __init__(self, info: MergeInfo | None = None) -> None:
+    def __init__(self, info: MergeInfo, owns: tuple[nn.Module, ...] = ()) -> None:
         super().__init__()
-        self.info = info
-        self.skip, self.removed, self.scale = True, False, 1.0
+        self.info, self.scale = info, 1.0
+        self.merge, self.entry, self.branch_in, self.shortcut_in = Add(), Tap(), Tap(), Tap()
+        self._owns = owns  # a plain tuple: the path modules stay registered where they are
 
     def forward(self, f: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-        if self.removed:
-            return s
+        if self.merge.removed:
+            return self.merge(None, s)
         if self.scale != 1.0:
             f = f * self.scale
-        return f + s if self.skip else f
+        return self.merge(f, s if self.merge.skip else None)
+
+    def junction_parts(self) -> dict[str, Any]:
+        """Where instruments hook this block (see :class:`resviz.nn.merge.Junction`)."""
+        return {"entry": self.entry, "branch": self.branch_in, "shortcut": self.shortcut_in, "owns": self._owns}
 
     def extra_repr(self) -> str:
-        kind = self.info.shortcut if self.info is not None else "?"
-        return f"shortcut={kind}, skip={self.skip}, removed={self.removed}, scale={self.scale}"
-
-
-class Residualized(fx.GraphModule):
-    """A traced model whose every residual addition is a :class:`Merge` module (see :func:`residualize`)."""
-
-    residual_map: ResidualMap
-
-    @property
-    def merges(self) -> list[Merge]:
-        """The merge modules in execution order."""
-        return [self.get_submodule(m.name) for m in self.residual_map]
-
-    @property
-    def skips(self) -> tuple[bool, ...]:
-        return tuple(m.skip for m in self.merges)
-
-    def set_skips(self, flags: bool | list[bool] | tuple[bool, ...]) -> None:
-        """Turn skips on/off: one bool for all merges or one per merge."""
-        merges = self.merges
-        flags = [bool(flags)] * len(merges) if isinstance(flags, bool) else list(flags)
-        if len(flags) != len(merges):
-            raise ValueError(f"expected {len(merges)} skip flags, got {len(flags)}")
-        for m, f in zip(merges, flags):
-            m.skip = f
-
-    def set_removed(self, indices) -> None:
-        """Remove exactly the merges at ``indices`` (each returns its shortcut alone); the rest are restored."""
-        merges, chosen = self.merges, set(indices)
-        bad = [i for i in chosen if not 0 <= i < len(merges)]
-        if bad:
-            raise ValueError(f"merge indices {bad} out of range 0..{len(merges) - 1}")
-        for i, m in enumerate(merges):
-            m.removed = i in chosen
-
-    def set_scale(self, scale: float | list[float]) -> None:
-        """Residual scaling: F(x) is multiplied by ``scale`` (one value or one per merge)."""
-        merges = self.merges
-        values = [float(scale)] * len(merges) if isinstance(scale, int | float) else [float(v) for v in scale]
-        if len(values) != len(merges):
-            raise ValueError(f"expected {len(merges)} scales, got {len(values)}")
-        for m, v in zip(merges, values):
-            m.scale = v
+        return f"{self.info.name}: shortcut={self.info.shortcut}, scale={self.scale}"
 
 
 class Tap(nn.Module):
-    """An identity placed on a merge's input x (``entry``) or at the start of one of its paths; hooks on
-    it see x, and a pre-hook may hand each path its own view of x (the gradient split by path)."""
+    """An identity on a block's input or at the start of one of its paths, for hooks to see x."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x
 
 
+class Residualized(fx.GraphModule):
+    """A traced model whose every residual addition is a :class:`GraphBlock` (see :func:`residualize`).
+
+    It has the interface of ResViz's own nets: ``set_skips``, ``set_removed``, ``skips``, residual
+    scaling, and its merges in execution order (``resviz.nn.merge.junctions`` finds them).
+    """
+
+    residual_map: ResidualMap
+
+    @property
+    def blocks(self) -> list[GraphBlock]:
+        """The residual blocks in execution order."""
+        return [self.get_submodule(m.name) for m in self.residual_map]
+
+    @property
+    def skips(self) -> tuple[bool, ...]:
+        return merge_seam.skips(self)
+
+    def set_skips(self, flags: bool | Iterable[bool]) -> None:
+        """Turn skips on/off: one bool for all merges or one per merge (off: the merge returns F(x))."""
+        merge_seam.set_skips(self, flags)
+
+    def set_removed(self, indices: Iterable[int]) -> None:
+        """Remove exactly the blocks at ``indices`` (each returns S(x)); all others are restored."""
+        merge_seam.set_removed(self, indices)
+
+    def set_scale(self, scale: float | Iterable[float]) -> None:
+        """Residual scaling: F(x) is multiplied by ``scale`` (one value or one per merge)."""
+        blocks = self.blocks
+        values = [float(scale)] * len(blocks) if isinstance(scale, int | float) else [float(v) for v in scale]
+        if len(values) != len(blocks):
+            raise ValueError(f"expected {len(blocks)} scales, got {len(values)}")
+        for b, v in zip(blocks, values, strict=True):
+            b.scale = v
+
+
 def _insert_taps(gm: fx.GraphModule, fd: Found, new_of: dict[fx.Node, fx.Node], merge_node: fx.Node) -> None:
     """Route the fork x through ``merge.entry``, then ``merge.branch_in`` into F and ``merge.shortcut_in`` into S."""
-    merge = gm.get_submodule(fd.info.name)
-    for part in ("entry", "branch_in", "shortcut_in"):
-        merge.add_module(part, Tap())
     fork = new_of.get(fd.fork, fd.fork)
     on_f = {new_of.get(n, n) for n in fd.branch_nodes}
     on_s = {new_of.get(n, n) for n in fd.shortcut_nodes}
@@ -446,7 +445,7 @@ def _insert_taps(gm: fx.GraphModule, fd: Found, new_of: dict[fx.Node, fx.Node], 
 
 
 def residualize(model: nn.Module, example_input: torch.Tensor | tuple, *, copy: bool = True) -> Residualized:
-    """``model`` with every residual merge replaced by a :class:`Merge` module.
+    """``model`` with every residual addition replaced by a :class:`GraphBlock` (its merge and taps).
 
     With every merge untouched (skip on, nothing removed, scale 1) its outputs and gradients are
     bit-identical to ``model``'s, and ``state_dict`` keys match. With ``copy`` (the default) its
@@ -461,9 +460,10 @@ def residualize(model: nn.Module, example_input: torch.Tensor | tuple, *, copy: 
 
     gm, found, opaque = _skeleton(copying.deepcopy(model) if copy else model, example_input)
     new_of: dict[fx.Node, fx.Node] = {}  # replaced addition -> its merge node (a later fork or path node)
+    modules = dict(gm.named_modules())
     for fd in found:
-        merge = Merge(fd.info)
-        gm.add_submodule(fd.info.name, merge)
+        owned = tuple(modules[n] for n in (*fd.info.branch, *fd.info.shortcut_modules) if n in modules)
+        gm.add_submodule(fd.info.name, GraphBlock(fd.info, owned))
         a, b = (new_of.get(n, n) for n in fd.node.args)
         f, s = (a, b) if fd.info.branch_operand == 0 else (b, a)
         with gm.graph.inserting_after(fd.node):
