@@ -11,6 +11,7 @@ from resviz.config import BlockConfig, NetConfig, TrainConfig
 from resviz.data.datasets import DatasetBundle, DatasetUnavailable, load_dataset
 from resviz.data.preprocess import Normalization
 from resviz.nn.blocks import ResidualBlock
+from resviz.nn.discovery import MergeInfo, ResidualMap, TraceError, discover, residualize
 from resviz.nn.merge import Merge, junctions, merges
 from resviz.nn.models import ResNet, build_net, count_macs, count_params, from_torchvision, plain_twin
 from resviz.storage.checkpoints import CheckpointError, load_checkpoint, save_checkpoint
@@ -30,16 +31,20 @@ __all__ = [
     "Lesion",
     "LiveProbes",
     "Merge",
+    "MergeInfo",
     "NetConfig",
     "Normalization",
     "ResNet",
     "ResidualBlock",
+    "ResidualMap",
     "SignalProp",
+    "TraceError",
     "TrainConfig",
     "Trainer",
     "build_net",
     "count_macs",
     "count_params",
+    "discover",
     "evaluate",
     "explain",
     "fit",
@@ -50,6 +55,7 @@ __all__ = [
     "load_dataset",
     "merges",
     "plain_twin",
+    "residualize",
     "save_checkpoint",
     "__version__",
 ]

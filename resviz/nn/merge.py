@@ -9,9 +9,12 @@ Each merge carries the block's run-time flags:
 * ``removed``: True drops the residual branch (an inference lesion); the block passes ``f = None``.
 
 The module that owns a merge (its parent) is the *block*: its input is x and its output the block's
-output y. A block may name its paths ``branch`` (F) and ``shortcut`` (S); instruments that split the
-gradient at x between the two paths use them. ResViz's :class:`~resviz.nn.blocks.ResidualBlock`
-honours all of this; a model from elsewhere plugs in by routing its sum through a :class:`Merge`.
+output y (a block that is not called with x, such as a merge inside a traced graph, says through
+``junction_parts()`` which module receives x and which modules it owns). A block may name its paths
+``branch`` (F) and ``shortcut`` (S); instruments that split the gradient at x between the two paths
+use them. ResViz's :class:`~resviz.nn.blocks.ResidualBlock` honours all of this; any other model
+plugs in through :func:`resviz.nn.discovery.residualize`, which routes each residual sum through a
+:class:`~resviz.nn.discovery.GraphBlock`.
 
 Merges are listed in registration order, which is the forward order of every net that registers its
 blocks in the order it runs them (ResViz's nets, torchvision's and timm's ResNets).
@@ -47,12 +50,29 @@ class Merge(nn.Module):
 
 @dataclass(frozen=True, eq=False)
 class Junction:
-    """One merge with the modules around it that instruments hook."""
+    """One merge with the modules around it that instruments hook.
+
+    ``entry`` receives the block's input x as its first argument (forward pre-hooks there see x) and
+    ``block``'s output is y. For a ResViz block both are the block itself; a block that is not called
+    with x (a merge inside a traced graph) names an ``entry`` module and the modules it ``owns``.
+    """
 
     merge: Merge  # sees (F(x), S(x)) as its inputs
-    block: nn.Module  # the merge's parent: input x, output the block output y
-    branch: nn.Module | None  # F, when the block names it ``branch``
-    shortcut: nn.Module | None  # S, when the block names it ``shortcut``
+    block: nn.Module  # the merge's parent: its output is the block output y
+    branch: nn.Module | None  # F, when the block names it ``branch`` (its first input is x)
+    shortcut: nn.Module | None  # S, when the block names it ``shortcut`` (its first input is x)
+    entry: nn.Module | None = None  # where x enters, when that is not ``block``
+    owns: tuple[nn.Module, ...] | None = None  # the modules whose parameters are the block's, when not ``block``'s
+
+    @property
+    def input_module(self) -> nn.Module:
+        """The module whose first input is x."""
+        return self.block if self.entry is None else self.entry
+
+    def parameters(self) -> list[nn.Parameter]:
+        """The block's parameters (each once)."""
+        mods = (self.block,) if self.owns is None else self.owns
+        return list({id(p): p for m in mods for p in m.parameters()}.values())
 
 
 def walk(model: nn.Module) -> list[tuple[nn.Module, nn.Module | None]]:
@@ -93,9 +113,12 @@ def junctions(model: nn.Module) -> list[Junction]:
             continue
         if block is None:
             raise ValueError(f"{type(m).__name__} has no parent block inside {type(model).__name__}")
-        branch, shortcut = getattr(block, "branch", None), getattr(block, "shortcut", None)
+        parts = block.junction_parts() if hasattr(block, "junction_parts") else {}
+        branch = parts.get("branch", getattr(block, "branch", None))
+        shortcut = parts.get("shortcut", getattr(block, "shortcut", None))
         out.append(Junction(m, block, branch if isinstance(branch, nn.Module) else None,
-                            shortcut if isinstance(shortcut, nn.Module) else None))
+                            shortcut if isinstance(shortcut, nn.Module) else None,
+                            entry=parts.get("entry"), owns=parts.get("owns")))
     if not out:
         raise ValueError(f"{type(model).__name__} has no merge module (no residual block) to address")
     return out

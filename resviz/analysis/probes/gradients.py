@@ -45,7 +45,7 @@ class GradientFlow(Probe):
         named = [(n, p) for n, p in net.named_parameters() if p.requires_grad]
         self.param_names = [n for n, _ in named]
         self.params = [p for _, p in named]
-        owner = {id(p): i for i, j in enumerate(self.blocks) for p in j.block.parameters()}
+        owner = {id(p): i for i, j in enumerate(self.blocks) for p in j.parameters()}
         # (B, P) membership matrix: block squared norms are one small matmul (deterministic, no sync).
         self._member = torch.zeros(len(self.blocks), len(self.params))
         for j, p in enumerate(self.params):
@@ -62,7 +62,7 @@ class GradientFlow(Probe):
 
     def _attach(self) -> None:
         for i, j in enumerate(self.blocks):
-            self._handles.append(j.block.register_forward_pre_hook(self._tap(i, 2)))
+            self._handles.append(j.input_module.register_forward_pre_hook(self._tap(i, 2)))
             for slot, path in ((0, j.branch), (1, j.shortcut)):  # a block without named paths: no split
                 if path is not None:
                     self._handles.append(path.register_forward_pre_hook(self._tap(i, slot)))
