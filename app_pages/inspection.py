@@ -253,7 +253,7 @@ def _show_image(ctx: dict[str, Any], caption: str) -> None:
 
 @st.cache_data(max_entries=32, show_spinner=False)
 def _predict(model_key: str, image_key: str, _net: nn.Module, _x: torch.Tensor, _classes: tuple[str, ...]) -> Inspection:
-    probs = predict(_net, _x)
+    probs = predict(_net, _x[0] if _x.dim() == 4 else _x)  # (K,)
     return Inspection(probs, top_k(probs, _classes, TOP_K), np.zeros(0), np.zeros(0), None)
 
 

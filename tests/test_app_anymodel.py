@@ -47,7 +47,7 @@ def _inspect_any(kind: str = "torchvision") -> AppTest:
 
 
 def _top(at: AppTest) -> list[tuple[str, float]]:
-    df = at.dataframe(key="i_topk_table").value
+    df = at.dataframe[0].value
     return list(zip(df["class"], df["probability"], strict=True))
 
 
@@ -70,7 +70,7 @@ def test_torchvision_resnet18_random_weights_and_a_skip_off() -> None:
     assert len(groups) == 4 and groups[0].label == "Skip connection off: group 1 (56x56, 64 ch)"
     _group_skip(at, 2).set_value([2])
     _run(at)
-    assert "intact" in at.dataframe(key="i_topk_table").value.columns
+    assert "intact" in at.dataframe[0].value.columns
     assert any("Modified net: skip off: 2" in c.value for c in at.caption)
     assert _top(at) != before
     _group_skip(at, 2).set_value([])
