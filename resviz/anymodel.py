@@ -208,12 +208,12 @@ def merge_groups(rmap: ResidualMap) -> list[tuple[str, list[int]]]:
             runs[-1][1].append(m.index)
         else:
             runs.append((where, [m.index]))
-    out = []
-    for k, (where, idx) in enumerate(runs, start=1):
+    out: list[tuple[str, list[int]]] = []
+    for where, idx in runs:
         chunks = [idx] if len(idx) <= GROUP_MAX else [idx[i : i + GROUP_CHUNK] for i in range(0, len(idx), GROUP_CHUNK)]
         for c in chunks:
             part = f", merges {c[0]}-{c[-1]}" if len(chunks) > 1 else ""
-            out.append((f"group {k} ({where}{part})", c))
+            out.append((f"group {len(out) + 1} ({where}{part})", c))
     return out
 
 

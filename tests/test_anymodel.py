@@ -168,7 +168,7 @@ def test_merge_groups_follow_shapes_and_split_long_runs() -> None:
     tokens = ResidualMap(tuple(_info(i, (1, 197, 192)) for i in range(24)))
     groups = anymodel.merge_groups(tokens)
     assert [g[1] for g in groups] == [list(range(12)), list(range(12, 24))]
-    assert groups[0][0] == "group 1 (197 tokens x 192, merges 0-11)"
+    assert [g[0] for g in groups] == ["group 1 (197 tokens x 192, merges 0-11)", "group 2 (197 tokens x 192, merges 12-23)"]
     assert anymodel.merge_channels(tokens[0]) == 192 and anymodel.merge_channels(rmap[2]) == 128
     rows = anymodel.merge_rows(rmap, skips=(True, False, True, True), removed=(3,))
     assert [r["skip"] for r in rows] == [True, False, True, True] and [r["removed"] for r in rows] == [False] * 3 + [True]
