@@ -37,7 +37,8 @@ def test_inspect_torchvision_resnet18_skip_off_changes_predictions(server, page)
     assert_no_exception(page)
     assert error_texts(page) == []
     intact, modified = next(iter(before.values())), after["modified"]
-    assert after["intact"] == {k: intact[k] for k in after["intact"]}  # the intact model is unchanged
+    kept = set(after["intact"]) & set(intact)  # the bars follow the modified model's top classes
+    assert all(after["intact"][k] == intact[k] for k in kept)  # the intact model is unchanged
     shared = set(intact) & set(modified)
     assert set(modified) != set(intact) or any(abs(modified[c] - intact[c]) > 1e-6 for c in shared), (intact, modified)
     assert "Modified net: skip off: 2, 3" in page.inner_text("body")
