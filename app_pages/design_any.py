@@ -12,6 +12,7 @@ from torch import nn
 from app_pages import anymodels
 from resviz import anymodel, plots
 from resviz.anymodel import Prepared
+from resviz.nn.discovery import Residualized
 
 
 @st.cache_data(max_entries=16, show_spinner="Counting multiply-accumulates...")
@@ -20,8 +21,8 @@ def _macs(key: str, shape: tuple[int, int, int], _model: nn.Module) -> int:
 
 
 @st.cache_data(max_entries=8, show_spinner="Measuring the model and its skips-off twin at initialisation...")
-def _init(key: str, shape: tuple[int, int, int], classes: int, macs: int, _model: nn.Module) -> dict[str, Any]:
-    return anymodel.init_comparison(_model, shape, classes, macs=macs)
+def _init(key: str, shape: tuple[int, int, int], classes: int, macs: int, _net: Residualized) -> dict[str, Any]:
+    return anymodel.init_comparison(_net, shape, classes, macs=macs)
 
 
 def _si(n: float) -> str:
@@ -67,13 +68,14 @@ def _init_section(key: str, p: Prepared, macs: int) -> None:
                "in train mode, before any training. Without its skips a deep model's signal and gradients drift "
                "geometrically with depth.")
     shape = (p.info.channels, p.info.input_size, p.info.input_size)
-    stats = _init(key, shape, len(p.info.classes), macs, p.external.model)
+    stats = _init(key, shape, len(p.info.classes), macs, p.net)
     res, plain = stats["residual"], stats["plain"]
     c1, c2 = st.columns(2)
     c1.plotly_chart(plots.signal_prop_figure(res, plain), key="d_any_signal")
     c2.plotly_chart(plots.grad_norm_figure(res["grad_block"], plain["grad_block"]), key="d_any_grad")
     c2.caption(f"Twin with skips off: {_spread_text(plain['grad_block'])}. With skips: {_spread_text(res['grad_block'])}. "
-               f"Batch of {stats['meta']['batch_size']}.")
+               f"Batch of {stats['meta']['batch_size']} at {stats['meta']['input_size']}x{stats['meta']['input_size']}"
+               + (" (a smaller input, to keep the page quick)." if stats["meta"]["input_size"] != p.info.input_size else "."))
 
 
 def render() -> None:

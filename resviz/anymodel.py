@@ -11,6 +11,7 @@ Every function returns plain data or modules; nothing here imports streamlit.
 
 from __future__ import annotations
 
+import copy
 import io
 import math
 from collections.abc import Mapping, Sequence
@@ -26,12 +27,14 @@ from resviz.analysis.probes import gradient_norms_by_layer, signal_prop
 from resviz.data.preprocess import Normalization
 from resviz.external import External, SourceError
 from resviz.nn.discovery import MergeInfo, Residualized, ResidualMap, TraceError, residualize
-from resviz.nn.scoped import eval_mode
+from resviz.nn.scoped import eval_mode, net_lock
 from resviz.zoo import ModelInfo
 
-__all__ = ["PRESETS", "Preset", "Prepared", "SourceError", "TraceError", "build_preset", "count_macs", "count_params",
-           "init_comparison", "load_weights", "merge_channels", "merge_groups", "merge_label", "merge_rows",
-           "original_state_dict", "prepare", "residualize_any", "train_nets", "twins"]
+__all__ = [
+    "PRESETS", "Prepared", "Preset", "SourceError", "TraceError", "build_preset", "count_macs", "count_params",
+    "init_comparison", "load_weights", "measure_shape", "merge_channels", "merge_groups", "merge_label", "merge_rows",
+    "original_state_dict", "prepare", "residualize_any", "train_nets", "twins", "twins_of",
+]
 
 MAC_BUDGET = 8e8  # forward multiply-accumulates one init measurement may spend per net (as resviz.analysis.initstats)
 MAX_BATCH, MIN_BATCH = 16, 2
@@ -245,42 +248,79 @@ def count_macs(model: nn.Module, input_shape: tuple[int, int, int]) -> int:
 
 
 # -- twins and the init-time comparison -----------------------------------------------------------
-def twins(model: nn.Module, example_input: torch.Tensor) -> dict[str, Residualized]:
-    """``{"residual": r, "plain": p}``: two residualized copies of ``model`` with identical weights, every
-    discovered skip of ``p`` off. ``model`` is not changed.
+def _copy(net: Residualized) -> Residualized:
+    """An independent copy of ``net`` with every merge untouched (skips on, nothing removed, scale 1)."""
+    with net_lock(net):  # a net shared between sessions may be lesioned right now: copy between lesions
+        twin = copy.deepcopy(net)
+    twin.residual_map, twin.rooted = net.residual_map, getattr(net, "rooted", False)
+    twin.set_skips(True)
+    twin.set_removed([])
+    twin.set_scale(1.0)
+    return twin
+
+
+def twins_of(net: Residualized) -> dict[str, Residualized]:
+    """``{"residual": r, "plain": p}``: two copies of a residualized model with identical weights, every
+    discovered skip of ``p`` off; ``net`` is not changed (its lock is held while it is copied).
 
     Raises:
-        ValueError: the model has no residual merge (nothing to switch off); TraceError when untraceable.
+        ValueError: the model has no residual merge (nothing to switch off).
     """
-    residual = residualize_any(model, example_input)
-    if not len(residual.residual_map):
-        raise ValueError(f"no skip connections found in {type(model).__name__}: it has no plain twin")
-    plain = residualize_any(model, example_input)
+    if not len(net.residual_map):
+        raise ValueError("no skip connections found: the model has no plain twin")
+    residual, plain = _copy(net), _copy(net)
     plain.set_skips(False)
     return {"residual": residual, "plain": plain}
 
 
-def init_comparison(model: nn.Module, input_shape: tuple[int, int, int], num_classes: int, *,
-                    batch_size: int | None = None, seed: int = 0, macs: int | None = None) -> dict[str, dict[str, Any]]:
-    """Signal propagation and gradient norms per merge at initialisation, for the model and its twin.
+def twins(model: nn.Module, example_input: torch.Tensor) -> dict[str, Residualized]:
+    """:func:`twins_of` the residualized ``model`` (traced once); ``model`` is not changed.
 
-    Both get ``model``'s weights and one standard-normal batch with random labels in train mode (as a
-    first optimisation step would); the batch shrinks for costly models (``MAC_BUDGET``). Same layout as
+    Raises:
+        ValueError: the model has no residual merge; TraceError when it cannot be traced.
+    """
+    return twins_of(residualize_any(model, example_input, copy=False))
+
+
+def measure_shape(net: nn.Module, input_shape: tuple[int, int, int], macs: int) -> tuple[tuple[int, int, int], int]:
+    """The input an init measurement uses and its MACs: ``input_shape``, or a smaller square side (a
+    multiple of 32) when even ``MIN_BATCH`` images would exceed ``MAC_BUDGET`` and the model accepts it
+    (a ViT with a fixed patch grid does not). Per-merge statistics at init depend on depth and design far
+    more than on resolution."""
+    c, side = input_shape[0], input_shape[-1]
+    if macs * MIN_BATCH <= MAC_BUDGET or side <= 32:
+        return input_shape, macs
+    smaller = max(32, int(side * (MAC_BUDGET / (MIN_BATCH * macs)) ** 0.5) // 32 * 32)
+    try:
+        return (c, smaller, smaller), count_macs(net, (c, smaller, smaller))
+    except Exception:  # the architecture fixes its input size
+        return input_shape, macs
+
+
+def init_comparison(net: Residualized, input_shape: tuple[int, int, int], num_classes: int, *,
+                    batch_size: int | None = None, seed: int = 0, macs: int | None = None) -> dict[str, dict[str, Any]]:
+    """Signal propagation and gradient norms per merge at initialisation, for a residualized model and its twin.
+
+    Both are copies of ``net`` (left unchanged) and get one standard-normal batch with random labels in
+    train mode (as a first optimisation step would); costly models get a smaller batch and, where they
+    accept it, a smaller input (:func:`measure_shape`). Same layout as
     :func:`resviz.analysis.initstats.init_comparison`: ``{"residual": stats, "plain": stats, "meta": ...}``
     with ``mean_sq``, ``var``, ``branch_var``, ``grad_block``, ``grad_total`` per merge and ``loss``.
     """
-    macs = count_macs(model, input_shape) if macs is None else macs
+    macs = count_macs(net, input_shape) if macs is None else macs
+    shape, macs = measure_shape(net, input_shape, macs)
     n = batch_size or int(min(MAX_BATCH, max(MIN_BATCH, MAC_BUDGET // max(macs, 1))))
     gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, *input_shape, generator=gen)  # (N, C, H, W)
+    x = torch.randn(n, *shape, generator=gen)  # (N, C, H, W)
     y = torch.randint(0, num_classes, (n,), generator=gen)
-    out: dict[str, dict[str, Any]] = {"meta": {"batch_size": n, "input_size": input_shape[-1], "macs": macs}}
-    for name, net in twins(model, x[:1]).items():
-        net.train()
-        stats = signal_prop(net, x)
-        grads = gradient_norms_by_layer(net, x, y)
+    out: dict[str, dict[str, Any]] = {"meta": {"batch_size": n, "input_size": shape[-1], "macs": macs}}
+    for name, twin in twins_of(net).items():
+        twin.train()
+        stats = signal_prop(twin, x)
+        grads = gradient_norms_by_layer(twin, x, y)
         keep = {k: grads[k] for k in ("grad_block", "grad_total", "loss")}
         out[name] = {k: v.numpy().astype(np.float64) for k, v in (stats | keep).items()}
+        del twin
     return out
 
 

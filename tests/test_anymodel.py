@@ -133,6 +133,11 @@ def test_twins_share_weights_and_differ_only_in_skips() -> None:
     assert t["plain"].skips == (False,) * 8 and t["residual"].skips == (True,) * 8
     sd_r, sd_p = t["residual"].state_dict(), t["plain"].state_dict()
     assert all(torch.equal(sd_r[k], sd_p[k]) for k in sd_r)
+    from resviz.nn.merge import junctions
+
+    for twin in t.values():  # each twin's blocks own its own parameters, not the other's or the model's
+        own = {id(p) for p in twin.parameters()}
+        assert all(id(p) in own for j in junctions(twin) for p in j.parameters())
     with torch.no_grad():
         assert torch.equal(t["residual"](x), model(x)) and not torch.equal(t["plain"](x), model(x))
         t["plain"].set_skips(True)
@@ -141,14 +146,26 @@ def test_twins_share_weights_and_differ_only_in_skips() -> None:
 
 def test_init_comparison_measures_every_merge_of_both() -> None:
     model = _resnet18()
-    stats = anymodel.init_comparison(model, (3, 32, 32), 4)
+    net = anymodel.residualize_any(model, torch.zeros(1, 3, 32, 32)).eval()
+    net.set_skips([True, False] * 4)  # another session's lesion: the copies start untouched
+    stats = anymodel.init_comparison(net, (3, 32, 32), 4)
+    assert net.skips == (True, False) * 4
     assert stats["meta"]["batch_size"] == anymodel.MAX_BATCH
     for name in ("residual", "plain"):
         for key in ("mean_sq", "var", "grad_block", "grad_total"):
             assert stats[name][key].shape == (8,), (name, key)
         assert np.isfinite(stats[name]["grad_block"]).all() and (stats[name]["grad_block"] > 0).all()
     assert not np.allclose(stats["residual"]["var"], stats["plain"]["var"])
-    assert not model.training  # the model itself was not touched
+    assert not model.training and not net.training  # neither was touched
+
+
+def test_costly_models_are_measured_at_a_smaller_input_when_they_accept_one() -> None:
+    net = anymodel.residualize_any(_resnet18(), torch.zeros(1, 3, 224, 224))
+    macs = anymodel.count_macs(net, (3, 224, 224))
+    assert anymodel.measure_shape(net, (3, 224, 224), macs) == ((3, 96, 96), anymodel.count_macs(net, (3, 96, 96)))
+    assert anymodel.measure_shape(net, (3, 32, 32), 10**6) == ((3, 32, 32), 10**6)
+    vit = anymodel.residualize_any(timm.create_model("vit_tiny_patch16_224"), torch.zeros(1, 3, 224, 224))
+    assert anymodel.measure_shape(vit, (3, 224, 224), 10**10) == ((3, 224, 224), 10**10)  # its patch grid is fixed
 
 
 def test_count_macs_matches_hand_count() -> None:

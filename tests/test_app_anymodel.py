@@ -173,3 +173,22 @@ def test_train_a_discovered_model_next_to_its_twin() -> None:
 
     state = load(jobs.checkpoint_bytes(job, "plain"))  # under the architecture's own names, loadable into it
     anymodel.build_preset("small-convnext", num_classes=8, channels=3).load_state_dict(state)
+    assert json.loads(jobs.config_json(job))["net"]["timm"] == "convnext_atto"
+    from apphelpers import goto
+
+    goto(at, "inspect").run()  # the trained model opens on the Inspect page with its discovered merges
+    at.radio(key="i_image_source").set_value("Built-in picture")
+    _run(at)
+    assert at.radio(key="i_source").value == "trained"
+    assert len(_top(at)) == 5 and _group_skip(at, 1)
+    _group_skip(at, 1).set_value([0])
+    _run(at)
+    assert "intact" in at.dataframe[0].value.columns
+
+
+def test_a_job_needs_a_config_or_nets() -> None:
+    from resviz import TrainConfig
+    from resviz.jobs import TrainingJob
+
+    with pytest.raises(ValueError, match="needs a net config or the nets"):
+        TrainingJob(None, object(), TrainConfig())
