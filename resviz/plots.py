@@ -381,8 +381,9 @@ def merge_strip(rows: Sequence[Mapping[str, Any]], *, title: str = "Skip connect
     removed``. Groups (a stage or one resolution) are separated by lines and numbered above the strip;
     hovering a cell names the merge.
     """
-    fig = _base(title, height=230, xaxis_title="merge (execution order)", showlegend=True,
-                legend={"orientation": "h", "y": -0.45})
+    fig = _base(title, height=250, xaxis_title="merge (execution order)", showlegend=True,
+                legend={"orientation": "h", "x": 1, "xanchor": "right", "y": 1.18, "yanchor": "bottom"},
+                margin={"t": 90, "b": 50})
     fig.update_yaxes(visible=False)
     if not rows:
         return _no_data(fig, "no skip connections found")
