@@ -7,7 +7,7 @@ from dataclasses import replace
 import numpy as np
 import streamlit as st
 
-from app_pages import state
+from app_pages import design_any, state
 from app_pages.help_text import HELP, ORDER_LABELS, SCALING_LABELS, SHORTCUT_LABELS
 from resviz import BlockConfig, NetConfig, plots
 from resviz.analysis.initstats import describe_blocks, init_comparison, summarize
@@ -162,8 +162,16 @@ def _spread(values: np.ndarray) -> str:
     return text + (f"; {dead} of {len(values)} blocks get none" if dead else "")
 
 
+MODES = {"resviz": "ResViz net", "any": "Any architecture"}
+
+
 def render() -> None:
     st.title("Design a residual network")
+    mode = st.radio("Design", list(MODES), format_func=MODES.get, key="d_mode", horizontal=True,
+                    label_visibility="collapsed")
+    if mode == "any":
+        design_any.render()
+        return
     _seed_widgets(state.net_config())
     left, right = st.columns([5, 6], gap="large")
     with left:

@@ -8,10 +8,23 @@ from typing import Any
 import numpy as np
 import streamlit as st
 import torch
+from torch import nn
 
 from app_pages import pickers, state
-from resviz import ResNet, plots, zoo
-from resviz.analysis.inspection import CHANNEL_ORDERS, Heatmap, Inspection, Lesion, compare, explain, inspect_image, removal_effects
+from resviz import ResNet, anymodel, plots, zoo
+from resviz.analysis.inspection import (
+    CHANNEL_ORDERS,
+    Heatmap,
+    Inspection,
+    Lesion,
+    compare,
+    explain,
+    inspect_image,
+    predict,
+    removal_effects,
+    top_k,
+)
+from resviz.nn.merge import merges
 from resviz.zoo import ModelInfo
 
 METHODS = {"gradcam": "Grad-CAM", "saliency": "Saliency", "integrated_gradients": "Integrated Gradients", "occlusion": "Occlusion"}
@@ -23,7 +36,7 @@ _RESULTS = "i_results"  # session store of costly results (attributions, lesion 
 
 # -- cached computations ---------------------------------------------------------------------
 @st.cache_data(max_entries=64, show_spinner=False)
-def _inspect(model_key: str, image_key: str, skips: tuple | None, removed: tuple, view: tuple, _net: ResNet,
+def _inspect(model_key: str, image_key: str, skips: tuple | None, removed: tuple, view: tuple, _net: nn.Module,
              _x: torch.Tensor, _classes: tuple[str, ...]) -> Inspection:
     block, channels, order, start = view
     return inspect_image(_net, _x, classes=_classes, lesion=Lesion(skips=skips, removed=removed), k=TOP_K, block=block,
@@ -31,13 +44,52 @@ def _inspect(model_key: str, image_key: str, skips: tuple | None, removed: tuple
 
 
 # -- lesion and view controls -------------------------------------------------------------------
-def _block_label(net: ResNet, i: int) -> str:
-    return f"block {i} (stage {net.stage_of[i] + 1}, {net.blocks[i].cout} ch)"
+def _block_label(net: nn.Module, i: int) -> str:
+    if isinstance(net, ResNet):
+        return f"block {i} (stage {net.stage_of[i] + 1}, {net.blocks[i].cout} ch)"
+    rmap = getattr(net, "residual_map", None)
+    return anymodel.merge_label(rmap[i]) if rmap is not None else f"block {i}"
 
 
-def lesion_widgets(net: ResNet, model_key: str) -> Lesion:
+def _channels(net: nn.Module, i: int) -> int:
+    """Channels of block ``i``'s maps."""
+    if isinstance(net, ResNet):
+        return net.blocks[i].cout
+    rmap = getattr(net, "residual_map", None)
+    return anymodel.merge_channels(rmap[i]) if rmap is not None else 1
+
+
+def _tag(model_key: str) -> str:
+    return hashlib.sha1(model_key.encode()).hexdigest()[:10]
+
+
+def grouped_lesion_widgets(net: nn.Module, model_key: str) -> Lesion:
+    """Skip and remove switches for a discovered model, one row per group of merges (a stage or one
+    resolution): an all-off switch and two multiselects each, so 50 merges stay a few rows."""
+    rmap, tag = net.residual_map, _tag(model_key)
+    groups = anymodel.merge_groups(rmap)
+    label = lambda i: anymodel.merge_label(rmap[i])  # noqa: E731
+    st.caption(f"{len(rmap)} skip connections in {len(groups)} groups (consecutive merges of one shape). Skip off: "
+               "y = F(x) from there on; removed: y = S(x). Nothing is retrained.")
+    off, removed = set(), set()
+    box = st.container(height=420) if len(groups) > 6 else st.container()
+    for g, (name, idx) in enumerate(groups):
+        c0, c1, c2 = box.columns([2, 4, 4], vertical_alignment="bottom")
+        short = name.split(" (")[0]
+        all_off = c0.checkbox(f"All off ({short})", key=f"i_gall_{tag}_{g}", help=f"Every skip of {name} off")
+        picked = c1.multiselect(f"Skip connection off: {name}", idx, format_func=label, key=f"i_goff_{tag}_{g}",
+                                disabled=all_off)
+        gone = c2.multiselect(f"Block removed: {name}", idx, format_func=label, key=f"i_grm_{tag}_{g}")
+        off |= set(idx) if all_off else set(picked)
+        removed |= set(gone)
+    return Lesion(skips=tuple(i not in off for i in range(len(rmap))), removed=tuple(sorted(removed)))
+
+
+def lesion_widgets(net: nn.Module, model_key: str) -> Lesion:
     """Per-block skip and remove switches, applied at inference; keys are per model."""
-    tag = hashlib.sha1(model_key.encode()).hexdigest()[:10]
+    if not isinstance(net, ResNet):
+        return grouped_lesion_widgets(net, model_key)
+    tag = _tag(model_key)
     n, label = len(net.blocks), (lambda i: _block_label(net, i))
     skip_key, removed_key = f"i_skip_off_{tag}", f"i_removed_{tag}"
     state.widget_default(skip_key, [i for i, s in enumerate(net.skips) if not s])
@@ -49,13 +101,13 @@ def lesion_widgets(net: ResNet, model_key: str) -> Lesion:
     return Lesion(skips=tuple(i not in off for i in range(n)), removed=tuple(removed))
 
 
-def view_widgets(net: ResNet) -> tuple[int, int, str, int]:
+def view_widgets(net: nn.Module) -> tuple[int, int, str, int]:
     """(block, channel count, channel order, first channel) of the feature maps to show."""
     c1, c2, c3, c4 = st.columns([3, 2, 2, 2])
-    n = len(net.blocks)
+    n = len(merges(net))
     block = c1.selectbox("Block", range(n), format_func=lambda i: _block_label(net, i), key="i_block")
     block = min(int(block), n - 1)
-    total = net.blocks[block].cout
+    total = _channels(net, block)
     order = c2.radio("Channels", CHANNEL_ORDERS, format_func={"index": "by index", "strongest": "strongest"}.get,
                      key="i_order", horizontal=True)
     count = c3.slider("How many", 1, min(32, total), min(8, total), key=f"i_count_{total}")
@@ -95,6 +147,9 @@ def _grid(maps: np.ndarray | None, channels: tuple[int, ...], title: str, missin
 
 def show_maps(shown: Inspection) -> None:
     m = shown.maps
+    if m is None or m.sum.ndim != 3:
+        st.info("This merge's maps are not images (channels x height x width): see the magnitudes below.")
+        return
     st.caption(f"Block {m.block}: {len(m.channels)} of {m.total_channels} channels, each with its own grey scale.")
     c1, c2, c3 = st.columns(3)
     with c1:
@@ -106,13 +161,19 @@ def show_maps(shown: Inspection) -> None:
 
 
 def show_magnitudes(ctx: dict[str, Any], shown: Inspection) -> None:
-    net = ctx["net"]
-    labels = [f"{i}" for i in range(len(net.blocks))]
+    labels = [f"{i}" for i in range(len(shown.f_norm))]
     st.plotly_chart(plots.magnitude_bars(shown.f_norm, shown.s_norm, labels=labels), key="i_mags")
-    ratio = np.divide(shown.f_norm, shown.s_norm, out=np.full_like(shown.f_norm, np.nan), where=shown.s_norm > 0)
-    if np.isfinite(ratio).any():
-        st.caption(f"Median ||F(x)|| / ||S(x)||: {np.nanmedian(ratio):.2f}. Below 1, a block makes a small correction "
+    ratio, intact = _median_ratio(shown), ctx.get("intact")
+    if np.isfinite(ratio):
+        st.caption(f"Median ||F(x)|| / ||S(x)||: {ratio:.2f}. Below 1, a block makes a small correction "
                    "to what the shortcut carries; a plain block has no shortcut (S = 0).")
+    if intact is not None and intact is not shown and np.isfinite(_median_ratio(intact)):
+        st.caption(f"Intact model: median ||F(x)|| / ||S(x)|| {_median_ratio(intact):.2f}.")
+
+
+def _median_ratio(insp: Inspection) -> float:
+    ratio = np.divide(insp.f_norm, insp.s_norm, out=np.full_like(insp.f_norm, np.nan), where=insp.s_norm > 0)
+    return float(np.nanmedian(ratio)) if np.isfinite(ratio).any() else float("nan")
 
 
 def _results() -> dict[tuple, Any]:
@@ -129,8 +190,8 @@ def _remember(key: tuple, value: Any, keep: int = 16) -> None:
 
 
 @st.cache_data(max_entries=32, show_spinner="Computing the attribution...")
-def _explain(model_key: str, image_key: str, skips: tuple, removed: tuple, method: str, target: int, block: int,
-             _net: ResNet, _x: torch.Tensor) -> Heatmap:
+def _explain(model_key: str, image_key: str, skips: tuple | None, removed: tuple, method: str, target: int,
+             block: int | None, _net: nn.Module, _x: torch.Tensor) -> Heatmap:
     return explain(_net, _x, method, lesion=Lesion(skips=skips, removed=removed), target=target, block=block)
 
 
@@ -138,14 +199,18 @@ def show_attribution(ctx: dict[str, Any], shown: Inspection) -> None:
     """Captum maps over the image; cheap methods at once, costly ones when asked (then kept)."""
     net, info, lesion = ctx["net"], ctx["info"], ctx["lesion"]
     c1, c2, c3 = st.columns(3)
-    method = c1.selectbox("Method", list(METHODS), format_func=METHODS.get, key="i_method")
+    n = len(merges(net))
+    methods = [m for m in METHODS if n or m != "gradcam"]  # Grad-CAM looks at a merge
+    if st.session_state.get("i_method") not in (None, *methods):
+        del st.session_state["i_method"]
+    method = c1.selectbox("Method", methods, format_func=METHODS.get, key="i_method")
     targets = [p.index for p in shown.top]
     target = c2.selectbox("Explain class", targets, format_func=lambda i: info.classes[i], key="i_target")
-    n = len(net.blocks)
-    block = c3.selectbox("Grad-CAM block", range(n), index=n - 1, format_func=lambda i: _block_label(net, i),
-                         key="i_cam_block", disabled=method != "gradcam")
+    block = c3.selectbox("Grad-CAM block", range(n), index=max(0, n - 1), format_func=lambda i: _block_label(net, i),
+                         key="i_cam_block", disabled=method != "gradcam") if n else None
     target = target if target in targets else targets[0]
-    args = (ctx["model_key"], ctx["image_key"], lesion.skips, lesion.removed, method, int(target), int(block))
+    args = (ctx["model_key"], ctx["image_key"], lesion.skips, lesion.removed, method, int(target),
+            None if block is None else int(block))
     store = _results()
     asked = method not in COSTLY or args in store
     if not asked and not st.button(f"Compute {METHODS[method]}", key="i_attr_go", help="Many forward passes: may take a while."):
@@ -168,17 +233,49 @@ def show_removal_sweep(ctx: dict[str, Any], shown: Inspection) -> None:
                f"Each bar is p({top.label}) with that block also removed.")
     args = ("sweep", ctx["model_key"], ctx["image_key"], lesion.skips, lesion.removed)
     store = _results()
+    n = len(merges(net))
     if args not in store:
-        if not st.button(f"Remove each of the {len(net.blocks)} blocks in turn", key="i_sweep_go"):
+        if not st.button(f"Remove each of the {n} blocks in turn", key="i_sweep_go"):
             return
         _remember(args, removal_effects(net, ctx["x"], lesion, target=top.index))
-    labels = [str(i) for i in range(len(net.blocks))]
+    labels = [str(i) for i in range(n)]
     fig = plots.lesion_figure(labels, {f"p({top.label})": store[args]}, intact={"current net": top.prob})
     fig.update_layout(title=f"p({top.label}) with one more block removed", yaxis_title="probability")
     st.plotly_chart(fig, key="i_sweep")
 
 
 # -- page -----------------------------------------------------------------------------------------
+def _show_image(ctx: dict[str, Any], caption: str) -> None:
+    info = ctx["info"]
+    st.image(ctx["picture"], width=min(320, max(160, 4 * info.input_size)))
+    st.caption(f"{caption}, as the net sees it ({info.input_size}x{info.input_size}, after preprocessing)")
+
+
+@st.cache_data(max_entries=32, show_spinner=False)
+def _predict(model_key: str, image_key: str, _net: nn.Module, _x: torch.Tensor, _classes: tuple[str, ...]) -> Inspection:
+    probs = predict(_net, _x[0] if _x.dim() == 4 else _x)  # (K,)
+    return Inspection(probs, top_k(probs, _classes, TOP_K), np.zeros(0), np.zeros(0), None)
+
+
+def render_without_merges(ctx: dict[str, Any], caption: str, right: Any) -> None:
+    """A model with no residual merge: its predictions and the attributions that need no merge."""
+    st.info("No skip connections found, so there is nothing to switch off or remove; this is the plain model as it is.")
+    shown = _predict(ctx["model_key"], ctx["image_key"], ctx["net"], ctx["x"], ctx["info"].classes)
+    with right:
+        _show_image(ctx, caption)
+        show_predictions(ctx["info"], shown, shown, False)
+    ctx["lesion"] = Lesion()
+    st.subheader("Attribution")
+    with state.guard("Attribution"):
+        show_attribution(ctx, shown)
+
+
+def _show_strip(net: nn.Module, lesion: Lesion) -> None:
+    """The discovered merges with the current switches, for a model that is not a ResViz net."""
+    rows = anymodel.merge_rows(net.residual_map, lesion.skips, lesion.removed)
+    st.plotly_chart(plots.merge_strip(rows), key="i_strip")
+
+
 def render() -> None:
     st.title("Inspect")
     st.caption("Run one image through a net and look inside every block: the residual branch F(x), the shortcut "
@@ -192,16 +289,21 @@ def render() -> None:
     (model_key, net, info), (x, caption) = model, picked
     ctx = {"model_key": model_key, "net": net, "info": info, "x": x, "picture": zoo.as_picture(x, info),
            "image_key": hashlib.sha1(x.numpy().tobytes()).hexdigest()}
+    if not merges(net):
+        render_without_merges(ctx, caption, right)
+        return
     st.subheader("Lesions")
     ctx["lesion"] = lesion = lesion_widgets(net, model_key)
+    if not isinstance(net, ResNet):
+        _show_strip(net, lesion)
     st.subheader("Feature maps")
     view = view_widgets(net)
     intact = _inspect(model_key, ctx["image_key"], None, (), view, net, x, info.classes)
     changed = not lesion.is_intact(net)
     shown = _inspect(model_key, ctx["image_key"], lesion.skips, lesion.removed, view, net, x, info.classes) if changed else intact
+    ctx["intact"] = intact
     with right:
-        st.image(ctx["picture"], width=min(320, max(160, 4 * info.input_size)))
-        st.caption(f"{caption}, as the net sees it ({info.input_size}x{info.input_size}, after preprocessing)")
+        _show_image(ctx, caption)
         if changed:
             st.caption(f"Modified net: {lesion.describe(net)}")
         for problem in dict.fromkeys(p for p in (shown.problem, intact.problem) if p):

@@ -108,9 +108,19 @@ def load_bundle(name: str, input_size: int, train_size: int | None, seed: int) -
 
 
 # -- labels and exports ---------------------------------------------------------------------------
+def net_name(job: TrainingJob) -> str:
+    """What the job trains: "ResNet-32", or the name of a discovered model."""
+    return f"ResNet-{job.net_cfg.depth}" if job.net_cfg is not None else str(job.model.get("name", "model"))
+
+
+def net_dict(job: TrainingJob) -> dict:
+    """The job's net as plain data: its NetConfig's dict, or what describes a discovered model."""
+    return job.net_cfg.to_dict() if job.net_cfg is not None else dict(job.model)
+
+
 def run_name(job: TrainingJob, number: int) -> str:
     """A short human name: "#2 ResNet-32 on shapes"."""
-    return f"#{number} ResNet-{job.net_cfg.depth} on {getattr(job.data, 'name', 'data')}"
+    return f"#{number} {net_name(job)} on {getattr(job.data, 'name', 'data')}"
 
 
 def run_label(job: TrainingJob, number: int) -> str:
@@ -142,14 +152,22 @@ def metrics_csv(snap: JobSnapshot) -> str:
 
 def config_json(job: TrainingJob) -> str:
     """The run's full configuration: net, training and dataset."""
-    doc = {"net": job.net_cfg.to_dict(), "train": job.train_cfg.to_dict(), "twin": job.twin,
+    doc = {"net": net_dict(job), "train": job.train_cfg.to_dict(), "twin": job.twin,
            "dataset": getattr(job.data, "name", None)}
     return json.dumps(doc, indent=2, sort_keys=True)
 
 
 def checkpoint_bytes(job: TrainingJob, role: str) -> bytes:
-    """The trained ``role`` net of ``job`` as a self-describing safetensors file (config in its header)."""
+    """The trained ``role`` net of ``job`` as a self-describing safetensors file (config in its header); a
+    discovered model's file is its state dict, whose names are the original architecture's."""
     net = job.nets[role]
+    if job.net_cfg is None:
+        from safetensors.torch import save
+
+        from resviz.anymodel import original_state_dict
+
+        return save({k: v.detach().cpu().contiguous().clone() for k, v in original_state_dict(net).items()},
+                    metadata={k: str(v) for k, v in {**job.model, "role": role}.items()})
     latest = job.snapshot().latest.get(role)
     metrics = {"role": role, **(latest.as_dict() if latest is not None else {})}
     with tempfile.TemporaryDirectory() as tmp:
@@ -171,7 +189,7 @@ def collect_trained() -> None:
         snap, base = job.snapshot(), run_name(job, number)
         for role, net in sorted(job.nets.items(), key=lambda kv: kv[0] == "residual"):  # residual last: selected
             net.cpu().eval()
-            info = {**job.data.info(), "dataset": job.data.name, "net_config": job.net_cfg.to_dict(),
+            info = {**job.data.info(), "dataset": job.data.name, "net_config": net_dict(job),
                     "train_config": job.train_cfg.to_dict(), "role": role, "job_id": job.id,
                     "final": snap.latest[role].as_dict() if role in snap.latest else {}}
             state.add_trained_model(f"{base} · {role}", state.TrainedModel(net, info))
@@ -182,7 +200,7 @@ def _status_line(job_id: str | None) -> None:
     if job is None:
         return
     snap = job.snapshot()
-    st.progress(min(1.0, snap.progress), text=f"Training ResNet-{job.net_cfg.depth}: step {snap.step}/"
+    st.progress(min(1.0, snap.progress), text=f"Training {net_name(job)}: step {snap.step}/"
                 f"{snap.total_steps or '?'} ({snap.status})")
     if not job.active:
         st.rerun()  # the run ended while the user was elsewhere: hand its nets to the pages now

@@ -1,4 +1,5 @@
-"""Choosing what to inspect: a net (shipped, trained here, uploaded, torchvision, untrained) and an image.
+"""Choosing what to inspect: a net (shipped, trained here, uploaded, torchvision, untrained, any architecture)
+and an image.
 
 Widgets and glue only: loading, decoding and preprocessing happen in :mod:`resviz.zoo` and
 :mod:`resviz.data.images`. Loaded nets are shared between sessions through ``st.cache_resource`` and must be
@@ -12,8 +13,9 @@ from typing import Any
 
 import streamlit as st
 import torch
+from torch import nn
 
-from app_pages import state
+from app_pages import anymodels, state
 from resviz import ResNet, zoo
 from resviz.data.images import ImageError, load_image, sample_images
 from resviz.zoo import ModelInfo
@@ -24,9 +26,10 @@ SOURCES = {
     "upload": "Upload a checkpoint",
     "torchvision": "torchvision ImageNet ResNet",
     "untrained": "Design-page net, untrained",
+    "any": "Any architecture",
 }
 IMAGE_SOURCES = ("Test image", "Built-in picture", "Upload", "Camera")
-Model = tuple[str, ResNet, ModelInfo]  # (cache key, net, info)
+Model = tuple[str, nn.Module, ModelInfo]  # (cache key, net: a ResViz net or a residualized model, info)
 Picked = tuple[torch.Tensor, str]  # ((1, C, H, W) model input, caption)
 
 
@@ -128,6 +131,14 @@ def _pick_untrained() -> Model:
     return f"untrained:{cfg.to_json()}:{dataset}", net, info
 
 
+def _pick_any() -> Model | None:
+    picked = anymodels.pick("i")
+    if picked is None:
+        return None
+    key, p = picked
+    return key, p.net, p.info
+
+
 def choose_model() -> Model | None:
     """The source radio plus that source's picker."""
     just_trained = state.selected_model() is not None and st.session_state.get(state.SELECTED) is not None
@@ -135,10 +146,10 @@ def choose_model() -> Model | None:
     state.widget_default("i_source", default)
     source = st.radio("Model", list(SOURCES), format_func=SOURCES.get, key="i_source", horizontal=True)
     pick = {"pretrained": _pick_shipped, "trained": _pick_trained, "upload": _pick_upload,
-            "torchvision": _pick_torchvision, "untrained": _pick_untrained}[source]
+            "torchvision": _pick_torchvision, "untrained": _pick_untrained, "any": _pick_any}[source]
     try:
         model = pick()
-    except ValueError as e:  # CheckpointError, DatasetUnavailable, ModelUnavailableError: user-facing messages
+    except ValueError as e:  # CheckpointError, DatasetUnavailable, ModelUnavailableError, SourceError, TraceError
         st.error(f"This model cannot be used: {e}")
         return None
     if model is not None:

@@ -17,8 +17,8 @@ import streamlit as st
 
 from app_pages import jobs, state
 from app_pages.help_text import HELP
-from resviz import TrainConfig, plots
-from resviz.data.datasets import DATASETS, DatasetUnavailable, available_datasets
+from resviz import TrainConfig, anymodel, plots
+from resviz.data.datasets import DATASETS, DatasetBundle, DatasetUnavailable, available_datasets
 from resviz.jobs import ACTIVE, JobLimitError, TrainingJob
 from resviz.train.records import JobSnapshot, Points
 
@@ -154,19 +154,29 @@ def live_figures(snap: JobSnapshot, points: int = LIVE_POINTS) -> dict[str, go.F
 
 
 # -- actions ------------------------------------------------------------------------------------
-def _start(dataset: str, folder: str, cfg: TrainConfig, twin: bool, train_size: int) -> None:
+def _job(bundle: DatasetBundle, cfg: TrainConfig, twin: bool, preset: str | None) -> TrainingJob:
+    """The Design page's net adapted to the data, or preset ``preset`` and its skips-off twin."""
+    if preset is None:
+        net_cfg = state.with_dataset_shape(state.net_config(), bundle.num_classes, bundle.channels)
+        return TrainingJob(net_cfg, bundle, cfg, twin=twin, num_threads=jobs.WORKER_THREADS)
+    p = anymodel.PRESETS[preset]
+    nets = anymodel.train_nets(preset, num_classes=bundle.num_classes, channels=bundle.channels, seed=cfg.seed, twin=twin)
+    model = {"name": p.label, "preset": preset, "timm": p.timm_name, "input_size": p.input_size,
+             **{k: list(v) if isinstance(v, tuple) else v for k, v in p.kwargs}}
+    return TrainingJob(None, bundle, cfg, twin=twin, num_threads=jobs.WORKER_THREADS, nets=nets, model=model)
+
+
+def _start(dataset: str, folder: str, cfg: TrainConfig, twin: bool, train_size: int, preset: str | None = None) -> None:
     """Load the data, adapt the net to it and submit a job; problems become short messages."""
     name = f"folder:{folder}" if dataset == FOLDER else dataset
     if dataset == FOLDER and not folder.strip():
         st.error("Enter the path of a folder of images first.")
         return
-    net_cfg = state.net_config()
+    size = state.net_config().input_size if preset is None else anymodel.PRESETS[preset].input_size
     try:
-        bundle = jobs.load_bundle(name, net_cfg.input_size, train_size, cfg.seed)
-        net_cfg = state.with_dataset_shape(net_cfg, bundle.num_classes, bundle.channels)
+        bundle = jobs.load_bundle(name, size, train_size, cfg.seed)
         cfg = replace(cfg, eval_every=eval_every(len(bundle.train), cfg))
-        job = TrainingJob(net_cfg, bundle, cfg, twin=twin, num_threads=jobs.WORKER_THREADS)
-        jobs.registry().submit(jobs.session_id(), job)
+        jobs.registry().submit(jobs.session_id(), _job(bundle, cfg, twin, preset))
     except (DatasetUnavailable, JobLimitError, ValueError) as e:
         st.error(str(e))
         return
@@ -302,16 +312,34 @@ def _exports(job: TrainingJob) -> None:
                                 on_click="ignore", icon=":material/download:")
 
 
+WHAT = {"design": "The Design page's ResNet", "any": "A discovered model (any architecture)"}
+
+
+def _what_widget() -> str | None:
+    """What to train: None for the Design page's net, else the key of a discovered-model preset."""
+    what = st.radio("What to train", list(WHAT), format_func=WHAT.get, key="t_what", horizontal=True)
+    if what == "design":
+        net = state.net_config()
+        st.caption(f"Net from the Design page (change it there): ResNet-{net.depth} ({net.style}, {net.block.kind} "
+                   f"blocks, {net.block.order} order), width {net.width}, {net.input_size}x{net.input_size} inputs, "
+                   f"{sum(net.skip_flags)}/{net.num_blocks} skips on. Classes and input channels follow the dataset.")
+        return None
+    preset = st.selectbox("Model", list(anymodel.PRESETS), format_func=lambda k: anymodel.PRESETS[k].label,
+                          key="t_any_preset")
+    p = anymodel.PRESETS[preset]
+    st.caption(f"{p.about} Its plain twin starts from the same weights with every discovered skip off; both see the "
+               f"same batches. Images are loaded at {p.input_size}x{p.input_size}; classes and channels follow the "
+               "dataset. Transformers usually want AdamW with a small learning rate (1e-3).")
+    return preset
+
+
 def render() -> None:
     st.title("Train the residual net and its plain twin")
-    net = state.net_config()
-    st.caption(f"Net from the Design page (change it there): ResNet-{net.depth} ({net.style}, {net.block.kind} blocks, "
-               f"{net.block.order} order), width {net.width}, {net.input_size}x{net.input_size} inputs, "
-               f"{sum(net.skip_flags)}/{net.num_blocks} skips on. Classes and input channels follow the dataset.")
+    preset = _what_widget()
     dataset, folder = _dataset_widget()
     cfg, twin, train_size = _settings()
     state.set_train_config(cfg, dataset, twin=twin, train_size=train_size, folder=folder)
-    _controls(jobs.active_job(), (dataset, folder, cfg, twin, train_size))
+    _controls(jobs.active_job(), (dataset, folder, cfg, twin, train_size, preset))
     job_list = jobs.session_jobs()
     job = _pick_run(job_list)
     if job is None:

@@ -77,14 +77,20 @@ class TrainingJob:
             None leaves torch's setting; the app passes :func:`resviz.runtime.default_threads`.
         nets: train these nets instead of building them from ``net_cfg``.
         history_points: the most points kept per history series.
+        model: with ``nets`` and no ``net_cfg``: what the nets are, as plain data (e.g. ``{"name": ...,
+            "spec": ...}``); the snapshot's ``net_cfg`` is then this dict.
     """
 
     def __init__(
-        self, net_cfg: NetConfig, data: Any, train_cfg: TrainConfig, *, twin: bool = True, num_threads: int | None = None,
-        nets: dict[str, nn.Module] | None = None, history_points: int = 500,
+        self, net_cfg: NetConfig | None, data: Any, train_cfg: TrainConfig, *, twin: bool = True,
+        num_threads: int | None = None, nets: dict[str, nn.Module] | None = None, history_points: int = 500,
+        model: dict[str, Any] | None = None,
     ) -> None:
+        if net_cfg is None and not nets:
+            raise ValueError("a training job needs a net config or the nets to train")
         self.id, self.created = uuid.uuid4().hex[:12], time.time()
         self.net_cfg, self.data, self.train_cfg, self.twin = net_cfg, data, train_cfg, twin
+        self.model = dict(model or {})
         self.num_threads, self.history_points = num_threads, history_points
         self.nets: dict[str, nn.Module] = dict(nets) if nets else {}
         self._lock = threading.Lock()
@@ -172,7 +178,8 @@ class TrainingJob:
                 ended=self._ended, step=step, total_steps=total, epoch=last.epoch if last is not None else 0.0,
                 progress=step / total if total else 0.0, eta_s=eta if self._status.active else None,
                 images_per_s=last.images_per_s if last is not None else 0.0, time_s=time_s, names=tuple(self.nets),
-                net_cfg=self.net_cfg.to_dict(), train_cfg=self.train_cfg.to_dict(),
+                net_cfg=self.net_cfg.to_dict() if self.net_cfg is not None else dict(self.model),
+                train_cfg=self.train_cfg.to_dict(),
                 latest=dict(self._history.latest), history=self._history.history(),
                 param_names=dict(self._param_names), engine=self._engine,
             )

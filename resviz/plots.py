@@ -426,3 +426,50 @@ def deletion_curve_figure(ks: Sequence[int], accuracy: Mapping[str, Sequence[flo
     if chance is not None:
         fig.add_hline(y=chance, line={"color": OFF_COLOR, "dash": "dot"}, annotation_text="chance")
     return _finish(fig)
+# -- any model: the discovered skip connections -------------------------------------------------
+MERGE_KINDS = (("identity shortcut", RESIDUAL_COLOR), ("projection shortcut", PROJECTION_COLOR), ("skip off", OFF_COLOR),
+               ("block removed", "#F2F2F2"))
+
+
+def _merge_kind(r: Mapping[str, Any]) -> int:
+    if r.get("removed"):
+        return 3
+    if not r.get("skip", True):
+        return 2
+    return 1 if r.get("shortcut") == "projection" else 0
+
+
+def merge_strip(rows: Sequence[Mapping[str, Any]], *, title: str = "Skip connections found, in execution order") -> go.Figure:
+    """A model's residual merges as one strip of cells (readable at hundreds of merges), coloured by kind.
+
+    Each row: ``index, name, group, shortcut ("identity"/"projection"), shape, branch (module count), skip,
+    removed``. Groups (a stage or one resolution) are separated by lines and numbered above the strip;
+    hovering a cell names the merge.
+    """
+    fig = _base(title, height=250, xaxis_title="merge (execution order)", showlegend=True,
+                legend={"orientation": "h", "x": 1, "xanchor": "right", "y": 1.18, "yanchor": "bottom"},
+                margin={"t": 90, "b": 50})
+    fig.update_yaxes(visible=False)
+    if not rows:
+        return _no_data(fig, "no skip connections found")
+    kinds = [_merge_kind(r) for r in rows]
+    edges = np.linspace(0, 1, len(MERGE_KINDS) + 1)
+    scale = [[float(e), c] for k, (_, c) in enumerate(MERGE_KINDS) for e in (edges[k], edges[k + 1])]
+    hover = [f"merge {r.get('index', i)}: {r.get('name', '')}<br>{r.get('group', '')}<br>shape {r.get('shape', '?')}, "
+             f"{r.get('shortcut', '?')} shortcut, {r.get('branch', '?')} modules on F<br>{MERGE_KINDS[k][0]}"
+             for i, (r, k) in enumerate(zip(rows, kinds))]
+    x = [int(r.get("index", i)) for i, r in enumerate(rows)]
+    fig.add_trace(go.Heatmap(x=x, y=[""], z=[kinds], customdata=[hover], zmin=-0.5, zmax=len(MERGE_KINDS) - 0.5,
+                             colorscale=scale, showscale=False, xgap=1, hovertemplate="%{customdata}<extra></extra>"))
+    for name, color in MERGE_KINDS:
+        fig.add_trace(go.Scatter(x=[None], y=[None], mode="markers", name=name,
+                                 marker={"symbol": "square", "size": 12, "color": color, "line": {"color": "#999999", "width": 1}}))
+    groups: dict[str, list[int]] = {}
+    for xi, r in zip(x, rows):
+        groups.setdefault(str(r.get("group", "")), []).append(xi)
+    for k, idx in enumerate(groups.values(), start=1):
+        if k > 1:
+            fig.add_vline(x=idx[0] - 0.5, line={"color": "#333333", "width": 2})
+        fig.add_annotation(x=(idx[0] + idx[-1]) / 2, y=1.0, yref="paper", yanchor="bottom", text=str(k), showarrow=False,
+                           font={"size": 11})
+    return fig

@@ -8,7 +8,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 # Each package may import only packages after it in this order (see docs/architecture.md).
-LAYERS = ["cli", "launch", "experiments", "jobs", "zoo", "train", "analysis", "storage", "nn", "data", "plots",
+LAYERS = ["cli", "launch", "experiments", "jobs", "anymodel", "zoo", "train", "analysis", "storage", "nn", "data", "plots",
           "urlconfig", "config", "runtime", "version"]
 
 
