@@ -105,7 +105,7 @@ def test_residualized_is_bit_identical(source: str, name: str, size: int) -> Non
     g0 = torch.autograd.grad(y0.square().sum(), list(model.parameters()))
     g1 = torch.autograd.grad(y1.square().sum(), list(res.parameters()))
     assert all(torch.equal(a, b) for a, b in zip(g0, g1))
-    assert all(isinstance(b, GraphBlock) for b in res.blocks) and len(res.blocks) == len(res.residual_map)
+    assert all(isinstance(b, GraphBlock) for b in res.merge_blocks) and len(res.merge_blocks) == len(res.residual_map)
 
 
 def test_residualize_leaves_the_original_alone_and_keeps_train_mode() -> None:
@@ -266,3 +266,78 @@ def test_lesions_inspection_and_gradcam_on_a_residualized_model(tv_resnet18: nn.
     assert result.f_norm.shape == (8,) and result.maps.sum.shape == (4, 16, 16)
     assert removal_effects(model, x).shape == (8,)
     assert attribute(model, x, "gradcam", block=7).heatmap.shape == (64, 64)
+
+
+# -- layouts: token models show their maps on the patch grid ----------------------------------------
+from resviz.analysis.attribution import _grid_gradcam  # noqa: E402
+from resviz.nn.layout import decide, to_maps, token_grid  # noqa: E402
+
+
+@pytest.mark.parametrize(("shape", "inp", "layout", "grid"), [
+    ((1, 64, 16, 16), (1, 3, 64, 64), "nchw", (16, 16)),
+    ((1, 16, 16, 96), (1, 3, 64, 64), "nhwc", (16, 16)),
+    ((1, 2, 2, 768), (1, 3, 64, 64), "nhwc", (2, 2)),
+    ((1, 16, 16, 16), (1, 3, 64, 64), "nchw", (16, 16)),  # a cube reads channels first
+    ((1, 197, 192), (1, 3, 224, 224), "tokens", (14, 14)),
+    ((1, 198, 192), (1, 3, 224, 224), "tokens", (14, 14)),  # class + distillation token
+    ((1, 32, 64), (1, 3, 32, 64), "tokens", (4, 8)),  # a wide image: the grid keeps its aspect
+    ((1, 10), (1, 3, 8, 8), "vector", (1, 1)),
+    ((1, 4, 100), (1, 4, 100), "other", None),  # a 1-D signal
+])
+def test_layout_rule(shape: tuple, inp: tuple, layout: str, grid: tuple | None) -> None:
+    assert decide(shape, inp) == (layout, grid)
+
+
+def test_to_maps_drops_leading_tokens_and_moves_channels_first() -> None:
+    t = torch.arange(2 * 17 * 3, dtype=torch.float32).reshape(2, 17, 3)
+    maps = to_maps(t, "tokens", token_grid(17, (32, 32)))
+    assert maps.shape == (2, 3, 4, 4) and torch.equal(maps[1, 2, 3, 1], t[1, 1 + 3 * 4 + 1, 2])
+    hwc = torch.randn(2, 4, 4, 5)
+    assert torch.equal(to_maps(hwc, "nhwc"), hwc.permute(0, 3, 1, 2))
+    with pytest.raises(ValueError, match="no"):
+        to_maps(torch.randn(1, 4, 100), "other")
+
+
+def tiny_vit() -> nn.Module:
+    torch.manual_seed(0)
+    return timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, num_classes=10).eval()
+
+
+def test_vit_merges_are_tokens_and_show_on_the_patch_grid() -> None:
+    model, x = tiny_vit(), torch.randn(3, 32, 32)
+    res = residualize(model, x[None])
+    assert len(res.residual_map) == 24 and {(m.layout, m.grid) for m in res.residual_map} == {("tokens", (4, 4))}
+    taken = {}
+    h = res.merge_blocks[5].register_forward_hook(lambda m, i, o: taken.update(y=o.detach()))
+    result = inspect_image(res, x, block=5, channels=4)
+    h.remove()
+    assert result.maps.sum.shape == (4, 4, 4) and result.maps.f.shape == (4, 4, 4)
+    by_hand = taken["y"][0, 1:].reshape(4, 4, -1).permute(2, 0, 1)[:4]  # patch tokens on the grid, class token dropped
+    np.testing.assert_array_equal(result.maps.sum, by_hand.numpy())
+    cam = attribute(res, x, "gradcam", block=23)
+    assert cam.raw.shape == (1, 4, 4) and cam.heatmap.shape == (32, 32) and cam.heatmap.max() == 1.0
+    with torch.no_grad(), SignalProp(res) as sig:
+        res(x[None].repeat(2, 1, 1, 1))
+    assert all(torch.isfinite(v).all() and v.shape == (1, 24) for v in sig.result().values())
+
+
+def test_grid_gradcam_is_captums_gradcam_on_channels_first_maps(tv_resnet18: nn.Module) -> None:
+    from captum.attr import LayerGradCam
+
+    x, block = torch.randn(1, 3, 64, 64), tv_resnet18.blocks[6]
+    ours = _grid_gradcam(tv_resnet18.eval(), x, 3, block, ("nchw", None), relu=True)
+    theirs = LayerGradCam(tv_resnet18, block).attribute(x, target=3, relu_attributions=True)
+    torch.testing.assert_close(ours, theirs)
+
+
+@pytest.mark.slow
+def test_swin_merges_are_channels_last_maps() -> None:
+    torch.manual_seed(0)
+    model, x = torchvision.models.swin_t().eval(), torch.randn(3, 64, 64)
+    res = residualize(model, x[None])
+    assert len(res.residual_map) == 24 and {m.layout for m in res.residual_map} == {"nhwc"}
+    assert res.residual_map[0].grid == (16, 16) and res.residual_map[-1].grid == (2, 2)
+    assert torch.equal(res(x[None]), model(x[None]))
+    result = inspect_image(res, x, block=2, channels=8)
+    assert result.maps.sum.shape == (8, 8, 8)
+    assert attribute(res, x, "gradcam", block=20).heatmap.shape == (64, 64)
