@@ -224,8 +224,9 @@ def test_branch_magnitudes_and_activations_measure_f_and_s(tv_resnet18: nn.Modul
     model, x = tv_resnet18, torch.randn(2, 3, 64, 64)
     orig = make("torchvision", "resnet18")
     taken = {}
-    hooks = [orig.layer1[0].bn2.register_forward_hook(lambda m, i, o: taken.setdefault("f", o)),
-             orig.maxpool.register_forward_hook(lambda m, i, o: taken.setdefault("s", o))]
+    # clones: torchvision's ``out += identity`` and in-place ReLU overwrite bn2's output after the hook
+    hooks = [orig.layer1[0].bn2.register_forward_hook(lambda m, i, o: taken.update(f=o.clone())),
+             orig.maxpool.register_forward_hook(lambda m, i, o: taken.update(s=o.clone()))]
     with torch.no_grad():
         orig(x)
     for h in hooks:
@@ -264,6 +265,9 @@ def test_lesions_inspection_and_gradcam_on_a_residualized_model(tv_resnet18: nn.
     np.testing.assert_array_equal(predict(model, x), intact)
     result = inspect_image(model, x, block=1, channels=4)
     assert result.f_norm.shape == (8,) and result.maps.sum.shape == (4, 16, 16)
+    # the sum as the merge made it, not as torchvision's in-place ReLU left it afterwards
+    np.testing.assert_allclose(result.maps.sum, result.maps.f + result.maps.s, rtol=1e-6, atol=1e-6)
+    assert (result.maps.sum < 0).any()
     assert removal_effects(model, x).shape == (8,)
     assert attribute(model, x, "gradcam", block=7).heatmap.shape == (64, 64)
 
@@ -314,8 +318,10 @@ def test_vit_merges_are_tokens_and_show_on_the_patch_grid() -> None:
     assert result.maps.sum.shape == (4, 4, 4) and result.maps.f.shape == (4, 4, 4)
     by_hand = taken["y"][0, 1:].reshape(4, 4, -1).permute(2, 0, 1)[:4]  # patch tokens on the grid, class token dropped
     np.testing.assert_array_equal(result.maps.sum, by_hand.numpy())
-    cam = attribute(res, x, "gradcam", block=23)
+    cam = attribute(res, x, "gradcam", block=21)  # block 10's MLP merge: its patch tokens reach the class token
     assert cam.raw.shape == (1, 4, 4) and cam.heatmap.shape == (32, 32) and cam.heatmap.max() == 1.0
+    assert not attribute(res, x, "gradcam", block=23).raw.any()  # the last block's patch tokens never reach the head
+    torch.testing.assert_close(attribute(res, x, "gradcam").raw, cam.raw)  # so the default steps back to block 21
     with torch.no_grad(), SignalProp(res) as sig:
         res(x[None].repeat(2, 1, 1, 1))
     assert all(torch.isfinite(v).all() and v.shape == (1, 24) for v in sig.result().values())

@@ -23,6 +23,7 @@ from resviz.nn.scoped import eval_mode
 
 METHODS = ("integrated_gradients", "saliency", "gradcam", "occlusion")
 SIGNS = ("absolute", "positive", "negative")
+TOKEN_TRIES = 4  # default Grad-CAM of a token model: how many final blocks to try for a non-zero map
 IG_INTERNAL_BATCH = 16  # IG steps evaluated per forward pass: bounds memory for big nets and images
 _DEFAULT_SIGN = {"integrated_gradients": "absolute", "saliency": "absolute", "gradcam": "positive", "occlusion": "positive"}
 
@@ -89,7 +90,10 @@ def _gradcam(
 
     Blocks are the parents of the net's merge modules, in :func:`resviz.nn.merge.junctions` order. A
     block whose output is not (B, C, H, W) (a token model's (B, N, C), a Swin block's (B, H, W, C)) is
-    explained on its maps (:func:`resviz.nn.layout.to_maps`: the patch grid, class tokens dropped).
+    explained on its maps (:func:`resviz.nn.layout.to_maps`: the patch grid, class tokens dropped). In
+    a ViT whose head reads the class token, the last blocks' patch tokens have no gradient: by default
+    (``block=None``) a token model's Grad-CAM is taken at the last of its final ``TOKEN_TRIES`` blocks
+    whose map is not all zero.
     """
     try:
         blocks = [j.block for j in junctions(net)]
@@ -103,6 +107,9 @@ def _gradcam(
         cam = LayerGradCam(net, blocks[index]).attribute(x, target=target, relu_attributions=relu)  # (1, 1, h, w)
     else:
         cam = _grid_gradcam(net, x, target, blocks[index], layout, relu)
+        while block is None and not cam.any() and index > max(0, len(blocks) - TOKEN_TRIES):
+            index -= 1  # a class-token head: the last blocks' patch tokens never reach the logits
+            cam = _grid_gradcam(net, x, target, blocks[index], layout_of(blocks[index]), relu)
     up = LayerAttribution.interpolate(cam, tuple(x.shape[-2:]), interpolate_mode)  # (1, 1, H, W)
     return cam[0], up[0, 0], None
 
@@ -115,7 +122,12 @@ def _grid_gradcam(net: nn.Module, x: torch.Tensor, target: int, layer: nn.Module
     is the weighted sum of the layer's maps over channels.
     """
     seen: list[torch.Tensor] = []
-    handle = layer.register_forward_hook(lambda _m, _i, out: seen.append(out))
+
+    def keep(_m: nn.Module, _i: tuple, out: torch.Tensor) -> torch.Tensor:
+        seen.append(out)
+        return out.clone()  # the model goes on with a copy: its in-place ops (ReLU(inplace=True)) leave ``out`` alone
+
+    handle = layer.register_forward_hook(keep)
     try:
         logits = net(x)
     finally:

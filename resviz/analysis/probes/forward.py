@@ -196,35 +196,40 @@ class Activations(Probe):
             raise ValueError(f"max_channels must be >= 1, got {max_channels}")
         self.max_channels = max_channels
         self._layouts = [layout_of(self.blocks[i].block) for i in self.indices]
+        # A traced model's merge output may be overwritten later by an in-place op (torchvision's
+        # ReLU(inplace=True) after ``out += identity``): its maps are copied. ResViz's blocks need no copy.
+        self._copy = [getattr(self.blocks[i].block, "info", None) is not None for i in self.indices]
         self._store: list[dict[str, list[Tensor | None]]] = [self._empty() for _ in self.indices]
 
     @staticmethod
     def _empty() -> dict[str, list[Tensor | None]]:
         return {"f": [], "s": [], "sum": [], "out": []}
 
-    def _keep(self, t: Tensor | None, layout: tuple[str, tuple[int, int] | None]) -> Tensor | None:
+    def _keep(self, t: Tensor | None, layout: tuple[str, tuple[int, int] | None], copy: bool) -> Tensor | None:
         if t is None:
             return None
         t = t.detach() if layout[0] == "other" else to_maps(t.detach(), *layout)  # "other": kept as it is
-        return t if self.max_channels is None else t[:, : self.max_channels].clone()
+        if self.max_channels is not None:
+            return t[:, : self.max_channels].clone()
+        return t.clone() if copy else t
 
     def _attach(self) -> None:
         for k, i in enumerate(self.indices):
-            merge_hook, out_hook = self._hooks(self._store[k], self._layouts[k])
+            merge_hook, out_hook = self._hooks(self._store[k], self._layouts[k], self._copy[k])
             self._handles.append(self.blocks[i].merge.register_forward_hook(merge_hook))
             self._handles.append(self.blocks[i].block.register_forward_hook(out_hook))
 
-    def _hooks(self, store: dict[str, list[Tensor | None]],
-               layout: tuple[str, tuple[int, int] | None]) -> tuple[Callable[..., None], Callable[..., None]]:
+    def _hooks(self, store: dict[str, list[Tensor | None]], layout: tuple[str, tuple[int, int] | None],
+               copy: bool) -> tuple[Callable[..., None], Callable[..., None]]:
         def merge_hook(_m: nn.Module, inputs: tuple, out: Tensor) -> None:
             if self._on:
-                store["f"].append(self._keep(inputs[0], layout))
-                store["s"].append(self._keep(inputs[1], layout))
-                store["sum"].append(self._keep(out, layout))
+                store["f"].append(self._keep(inputs[0], layout, copy))
+                store["s"].append(self._keep(inputs[1], layout, copy))
+                store["sum"].append(self._keep(out, layout, copy))
 
         def out_hook(_m: nn.Module, _inputs: tuple, out: Tensor) -> None:
             if self._on:
-                store["out"].append(self._keep(out, layout))
+                store["out"].append(self._keep(out, layout, copy))
 
         return merge_hook, out_hook
 
