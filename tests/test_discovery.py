@@ -344,6 +344,6 @@ def test_swin_merges_are_channels_last_maps() -> None:
     assert len(res.residual_map) == 24 and {m.layout for m in res.residual_map} == {"nhwc"}
     assert res.residual_map[0].grid == (16, 16) and res.residual_map[-1].grid == (2, 2)
     assert torch.equal(res(x[None]), model(x[None]))
-    result = inspect_image(res, x, block=2, channels=8)
-    assert result.maps.sum.shape == (8, 8, 8)
+    result = inspect_image(res, x, block=4, channels=8)  # stage 2 (merges 4-7): 8x8 maps of 192 channels
+    assert result.maps.sum.shape == (8, 8, 8) and result.maps.total_channels == 192
     assert attribute(res, x, "gradcam", block=20).heatmap.shape == (64, 64)

@@ -8,19 +8,20 @@
             opt.zero_grad(); loss.backward(); opt.step()
             w.step()                       # after backward (and step), before the next zero_grad
 
-On entry the model is residualized in place of nothing: :func:`resviz.nn.discovery.residualize` with
-``copy=False`` builds a graph that calls the model's own modules (same parameters, same buffers, so
-the user's optimizer trains what runs), and ``model.forward`` is pointed at that graph for the
-duration. Its merges route F(x) and S(x) separately, so the live instruments (branch magnitudes,
-gradient flow with its split by path, signal propagation) see every residual connection. Outputs and
+On entry :func:`resviz.nn.discovery.residualize` with ``copy=False`` builds a graph that calls the
+model's own modules (same parameters, same buffers, so the user's optimizer trains what runs), and
+``model.forward`` is pointed at that graph for the duration. Its merges route F(x) and S(x)
+separately, so the live instruments (branch magnitudes, gradient flow with its split by path, signal
+propagation) see every residual connection. Outputs and
 gradients are bit-identical to the unwatched model's. On exit, also when the body raises, every hook
 is removed and ``model.forward`` is what it was.
 
 Steps are counted by :meth:`Watch.step`, which the loop calls once per optimizer step after
 ``loss.backward()``: the steps ``0, every, 2 * every, ...`` are recorded. Only their training-mode
-forwards are measured (forwards in eval mode, e.g. validation, run the model's own forward unwatched),
-their readings averaged over those forwards; the gradient split is that of the step's last backward.
-The graph is traced in training mode, so it is used only while the model is in training mode.
+forwards are measured (forwards in eval mode, e.g. validation, and calls with keyword arguments run
+the model's own forward unwatched), their readings averaged over those forwards; the gradient split
+is that of the step's last backward. The graph is traced in training mode (a traced forward keeps the
+train/eval branches it took), so it runs only while the model is in training mode.
 """
 
 from __future__ import annotations

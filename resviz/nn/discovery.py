@@ -282,7 +282,7 @@ def _example_shapes(gm: fx.GraphModule, example_input: torch.Tensor | tuple) -> 
                 mode = FakeTensorMode(allow_non_fake_inputs=True)
                 fake = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
                 with mode:
-                    _Shapes(gm).run(*fake)
+                    _Shapes(gm, fake=True).run(*fake)
             except Exception:  # fake tensors fail on data-dependent shapes and similar: run for real
                 _Shapes(gm).run(*args)
     finally:
@@ -290,8 +290,31 @@ def _example_shapes(gm: fx.GraphModule, example_input: torch.Tensor | tuple) -> 
             m.training = t
 
 
+# Leaf modules whose output has their input's shape, dtype and layout: on fake tensors they are skipped
+# (FakeTensorMode decomposes batch norm in Python, which made it cost more than a real forward).
+SHAPE_KEEPING = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm, nn.Identity,
+                 nn.modules.dropout._DropoutNd)
+SHAPE_KEEPING_EXACT = (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh,
+                       nn.LeakyReLU, nn.ELU, nn.Mish)
+
+
 class _Shapes(fx.Interpreter):
-    """Runs a graph and records each node's tensor metadata (``node.meta["tensor_meta"]``)."""
+    """Runs a graph and records each node's tensor metadata (``node.meta["tensor_meta"]``).
+
+    With ``fake`` set, the leaf modules in ``SHAPE_KEEPING`` are not run: their output is an empty
+    tensor like their input (fake tensors have no values to compute).
+    """
+
+    def __init__(self, gm: fx.GraphModule, fake: bool = False) -> None:
+        super().__init__(gm)
+        self.fake = fake
+
+    def call_module(self, target: Any, args: tuple, kwargs: dict) -> Any:
+        m = self.fetch_attr(target)
+        x = args[0] if len(args) == 1 and not kwargs else None
+        if self.fake and isinstance(x, torch.Tensor) and (isinstance(m, SHAPE_KEEPING) or type(m) in SHAPE_KEEPING_EXACT):
+            return torch.empty_like(x)
+        return super().call_module(target, args, kwargs)
 
     def run_node(self, n: fx.Node) -> Any:
         result = super().run_node(n)
