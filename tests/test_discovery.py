@@ -347,3 +347,21 @@ def test_swin_merges_are_channels_last_maps() -> None:
     result = inspect_image(res, x, block=4, channels=8)  # stage 2 (merges 4-7): 8x8 maps of 192 channels
     assert result.maps.sum.shape == (8, 8, 8) and result.maps.total_channels == 192
     assert attribute(res, x, "gradcam", block=20).heatmap.shape == (64, 64)
+
+
+class DataDependentShape(nn.Module):
+    """Traceable, but its shapes depend on values: fake tensors cannot run it, a real forward can."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x + self.conv(x)
+        picked = torch.nonzero(y.flatten(1) > 0)  # (K, 2): K depends on the values
+        return y.mean() + picked.float().mean()
+
+
+def test_shapes_fall_back_to_a_real_forward() -> None:
+    rmap = discover(DataDependentShape(), torch.randn(1, 3, 8, 8))
+    assert len(rmap) == 1 and rmap[0].shape == (1, 3, 8, 8) and rmap[0].shortcut == "identity"

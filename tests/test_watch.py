@@ -173,3 +173,20 @@ def test_tensorboard_event_file_holds_every_merge_scalar(tmp_path) -> None:
         events = acc.Scalars(f"resviz/ratio/{name}")
         assert [e.step for e in events] == [0, 2]
         assert [e.value for e in events] == pytest.approx([r.merges[i].ratio for r in w.records], rel=1e-6)
+
+
+def test_torchvision_resnet18_trains_bit_identically_under_watch() -> None:
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10).train()  # in-place ReLUs, ``out += identity``
+    twin = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(4, 3, 32, 32, generator=g), torch.randint(0, 10, (4,), generator=g)) for _ in range(2)]
+    with resviz.watch(model, batches[0][0][:1]) as w:
+        watched = train(model, batches, w)
+    plain = train(twin, batches)
+    for (l0, g0), (l1, g1) in zip(watched, plain, strict=True):
+        assert torch.equal(l0, l1) and all(torch.equal(a, b) for a, b in zip(g0, g1, strict=True))
+    assert [r.step for r in w.records] == [0, 1] and len(w.records[0].merges) == 8
+    assert [m.shortcut for m in w.records[0].merges].count("projection") == 3
+    assert all(math.isfinite(v) and v > 0 for r in w.records for v in r.values("grad_shortcut"))

@@ -4,7 +4,8 @@ A *merge* is a tensor addition ``y = a + b`` whose two operands descend from a c
 inside the computation (not only from the model's input through unrelated paths): ``a = F(x)`` is the
 residual branch and ``b = S(x)`` the shortcut. The fork is the operands' nearest common ancestor in
 the graph. Additions with a constant or parameter operand (a bias, a positional embedding), with
-broadcasting, or of two tensors that share no computed ancestor are not merges.
+broadcasting, of two scalars (0-d reductions, such as the terms of a loss), or of two tensors that share
+no computed ancestor are not merges.
 
 Of the two paths from the fork, the shortcut is the one that computes less: no nodes at all, or only
 modules that compute nothing (``nn.Identity``, dropout, drop-path or stochastic depth in eval mode,
@@ -353,8 +354,8 @@ def find_merges(gm: fx.GraphModule, root: nn.Module | None = None) -> list[Found
         if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)) or not (anc.live[a] and anc.live[b]):
             continue
         out = _shape(node)
-        if out is None or _shape(a) != out or _shape(b) != out:
-            continue  # broadcasting: a bias, a scale or an embedding, not a second path
+        if not out or _shape(a) != out or _shape(b) != out:
+            continue  # broadcasting (a bias, a scale or an embedding, not a second path) or a sum of scalars
         fork = anc.fork(a, b)
         if fork is None:
             continue
