@@ -3,7 +3,7 @@ baseline timed in the same rounds.
 
     python bench/bench.py                       # everything: about 3 minutes on an idle 2-core box
     python bench/bench.py --quick               # fewer rounds, one app run: about 1.5 minutes
-    python bench/bench.py --sections train,twin # any of: train twin inspect app tta gpu
+    python bench/bench.py --sections train,twin # any of: train twin inspect app tta gpu anymodel
     python bench/bench.py --json bench/results/cpu.json   # also save the run as JSON (what `make docs` publishes)
 
 A loaded machine makes every row slower (up to several times); the ratios hold up better than the

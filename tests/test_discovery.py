@@ -365,3 +365,16 @@ class DataDependentShape(nn.Module):
 def test_shapes_fall_back_to_a_real_forward() -> None:
     rmap = discover(DataDependentShape(), torch.randn(1, 3, 8, 8))
     assert len(rmap) == 1 and rmap[0].shape == (1, 3, 8, 8) and rmap[0].shortcut == "identity"
+
+
+def test_a_copy_of_a_residualized_model_is_one_too() -> None:
+    import copy
+
+    res = residualize(tiny_vit(), torch.randn(1, 3, 32, 32))
+    twin = copy.deepcopy(res)
+    x = torch.randn(2, 3, 32, 32)
+    assert twin.residual_map == res.residual_map and torch.equal(twin(x), res(x))
+    twin.set_skips(False)
+    assert res.skips == (True,) * 24 and twin.skips == (False,) * 24
+    assert not torch.equal(twin(x), res(x))
+    assert all(p is not q for p, q in zip(twin.parameters(), res.parameters()))

@@ -463,6 +463,11 @@ class Residualized(fx.GraphModule):
         """The residual blocks (:class:`GraphBlock`) in execution order."""
         return [self.get_submodule(m.name) for m in self.residual_map]
 
+    def __deepcopy__(self, memo: dict[int, Any]) -> Residualized:
+        out = super().__deepcopy__(memo)  # fx rebuilds the module from its __dict__'s modules and graph only
+        out.residual_map = self.residual_map
+        return out
+
     def __getattr__(self, name: str) -> Any:
         # ``blocks`` is ``merge_blocks``, as on ResViz's own nets, unless the model has a submodule of that
         # name (a ViT's or a ResViz net's ``blocks``): the graph's code reaches its modules through it.
