@@ -3,7 +3,7 @@ baseline timed in the same rounds.
 
     python bench/bench.py                       # everything: about 3 minutes on an idle 2-core box
     python bench/bench.py --quick               # fewer rounds, one app run: about 1.5 minutes
-    python bench/bench.py --sections train,twin # any of: train twin inspect app tta gpu
+    python bench/bench.py --sections train,twin # any of: train twin inspect app tta gpu anymodel
     python bench/bench.py --json bench/results/cpu.json   # also save the run as JSON (what `make docs` publishes)
 
 A loaded machine makes every row slower (up to several times); the ratios hold up better than the
@@ -21,6 +21,8 @@ Sections:
            the websocket data received, the chart JSON of a simulated 10-minute run, peak RSS.
   tta      time to accuracy of the Train page's default run (headless, as the app runs it).
   gpu      ResNet-20 32x32 batch 512 bf16 on CUDA: eager against CUDA-graph capture (skipped without CUDA).
+  anymodel torchvision ResNet-50 and ViT-B/16 (random weights, one 224x224 image): discover + residualize,
+           the residualized forward against the original's, and every live instrument on against it.
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ from torch.utils.data import TensorDataset  # noqa: E402
 from resviz import NetConfig, TrainConfig, build_net, runtime  # noqa: E402
 from resviz.train.trainer import Trainer, build_nets  # noqa: E402
 
-SECTIONS = ("train", "twin", "inspect", "app", "tta", "gpu")
+SECTIONS = ("train", "twin", "inspect", "app", "tta", "gpu", "anymodel")
 NET = NetConfig(style="cifar", depth=20, width=16, num_classes=10, in_channels=3, input_size=32)
 BATCH = 128
 APP_PROBE_EVERY = 5  # the Train page's default (app_pages.state.DEFAULT_TRAIN.probe_every); checked in main()
@@ -356,6 +358,61 @@ def section_gpu(quick: bool) -> list[Row]:
     return rows
 
 
+def section_anymodel(quick: bool) -> list[Row]:
+    """Any model: discovery cost, and what the residualized graph and the instruments add to a forward."""
+    import torchvision
+
+    from resviz.analysis.probes import LiveProbes
+    from resviz.nn.discovery import discover, residualize
+
+    x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    rows = []
+    for name, label, limit in (("resnet50", "ResNet-50", 2.0), ("vit_b_16", "ViT-B/16", 3.0)):
+        torch.manual_seed(0)
+        model = torchvision.models.get_model(name).eval()
+        times = []
+        for _ in range(2 if quick else 3):
+            t0 = time.perf_counter()
+            discover(model, x)
+            res = residualize(model, x)
+            times.append(time.perf_counter() - t0)
+        n = len(res.residual_map)
+        rows.append(Row("7", f"{label}: discover + residualize ({n} merges, copy of the model included)", ms(min(times)),
+                        "", None, f"<= {limit:.0f} s", min(times) <= limit, data={"seconds": times}))
+        rows += _anymodel_forward_rows(label, model, res, x, 6 if quick else 12, LiveProbes)
+    return rows
+
+
+def _anymodel_forward_rows(label: str, model: torch.nn.Module, res: torch.nn.Module, x: torch.Tensor, reps: int,
+                           live: type) -> list[Row]:
+    def bare() -> None:
+        with torch.no_grad():
+            model(x)
+
+    def graph() -> None:
+        with torch.no_grad():
+            res(x)
+
+    def bare_step() -> None:
+        model(x).square().mean().backward()
+
+    def probed_step() -> None:
+        with live(res) as probes:
+            res(x).square().mean().backward()
+            probes.record()
+            probes.drain()
+
+    tb, tg, r, med = paired(bare, graph, reps)
+    rows = [Row("7", f"{label}: residualized forward (no grad)", ms(tg), f"original forward: {ms(tb)}", r, "<= 1.05x",
+                r <= 1.05, med)]
+    tb, tp, r, med = paired(bare_step, probed_step, reps)
+    model.zero_grad(set_to_none=True)
+    rows.append(Row("7", f"{label}: residualized forward + backward, every live instrument on (magnitudes, gradient "
+                    "split, signal propagation)", ms(tp), f"original forward + backward: {ms(tb)}", r, "<= 1.5x",
+                    r <= 1.5, med))
+    return rows
+
+
 # -- main -------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -386,7 +443,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         runtime.tune(threads=args.threads)
         print(f"[bench] {name} ...", file=sys.stderr, flush=True)
-        if name in ("train", "twin", "inspect", "gpu"):
+        if name in ("train", "twin", "inspect", "gpu", "anymodel"):
             rows += globals()[f"section_{name}"](args.quick)
         elif name == "app":
             rows += app_bench.section_app(args.quick, headless)

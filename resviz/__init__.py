@@ -7,6 +7,7 @@ probes and the per-image inspection.
 
 from resviz.analysis.inspection import Inspection, Lesion, explain, inspect_image
 from resviz.analysis.probes import Activations, BranchMagnitudes, GradientFlow, LiveProbes, SignalProp
+from resviz.analysis.watch import MergeReading, Watch, WatchRecord, watch
 from resviz.config import BlockConfig, NetConfig, TrainConfig
 from resviz.data.datasets import DatasetBundle, DatasetUnavailable, load_dataset
 from resviz.data.preprocess import Normalization
@@ -32,6 +33,7 @@ __all__ = [
     "LiveProbes",
     "Merge",
     "MergeInfo",
+    "MergeReading",
     "NetConfig",
     "Normalization",
     "ResNet",
@@ -41,6 +43,8 @@ __all__ = [
     "TraceError",
     "TrainConfig",
     "Trainer",
+    "Watch",
+    "WatchRecord",
     "build_net",
     "count_macs",
     "count_params",
@@ -57,5 +61,6 @@ __all__ = [
     "plain_twin",
     "residualize",
     "save_checkpoint",
+    "watch",
     "__version__",
 ]

@@ -105,7 +105,7 @@ def test_residualized_is_bit_identical(source: str, name: str, size: int) -> Non
     g0 = torch.autograd.grad(y0.square().sum(), list(model.parameters()))
     g1 = torch.autograd.grad(y1.square().sum(), list(res.parameters()))
     assert all(torch.equal(a, b) for a, b in zip(g0, g1))
-    assert all(isinstance(b, GraphBlock) for b in res.blocks) and len(res.blocks) == len(res.residual_map)
+    assert all(isinstance(b, GraphBlock) for b in res.merge_blocks) and len(res.merge_blocks) == len(res.residual_map)
 
 
 def test_residualize_leaves_the_original_alone_and_keeps_train_mode() -> None:
@@ -224,8 +224,9 @@ def test_branch_magnitudes_and_activations_measure_f_and_s(tv_resnet18: nn.Modul
     model, x = tv_resnet18, torch.randn(2, 3, 64, 64)
     orig = make("torchvision", "resnet18")
     taken = {}
-    hooks = [orig.layer1[0].bn2.register_forward_hook(lambda m, i, o: taken.setdefault("f", o)),
-             orig.maxpool.register_forward_hook(lambda m, i, o: taken.setdefault("s", o))]
+    # clones: torchvision's ``out += identity`` and in-place ReLU overwrite bn2's output after the hook
+    hooks = [orig.layer1[0].bn2.register_forward_hook(lambda m, i, o: taken.update(f=o.clone())),
+             orig.maxpool.register_forward_hook(lambda m, i, o: taken.update(s=o.clone()))]
     with torch.no_grad():
         orig(x)
     for h in hooks:
@@ -264,5 +265,116 @@ def test_lesions_inspection_and_gradcam_on_a_residualized_model(tv_resnet18: nn.
     np.testing.assert_array_equal(predict(model, x), intact)
     result = inspect_image(model, x, block=1, channels=4)
     assert result.f_norm.shape == (8,) and result.maps.sum.shape == (4, 16, 16)
+    # the sum as the merge made it, not as torchvision's in-place ReLU left it afterwards
+    np.testing.assert_allclose(result.maps.sum, result.maps.f + result.maps.s, rtol=1e-6, atol=1e-6)
+    assert (result.maps.sum < 0).any()
     assert removal_effects(model, x).shape == (8,)
     assert attribute(model, x, "gradcam", block=7).heatmap.shape == (64, 64)
+
+
+# -- layouts: token models show their maps on the patch grid ----------------------------------------
+from resviz.analysis.attribution import _grid_gradcam  # noqa: E402
+from resviz.nn.layout import decide, to_maps, token_grid  # noqa: E402
+
+
+@pytest.mark.parametrize(("shape", "inp", "layout", "grid"), [
+    ((1, 64, 16, 16), (1, 3, 64, 64), "nchw", (16, 16)),
+    ((1, 16, 16, 96), (1, 3, 64, 64), "nhwc", (16, 16)),
+    ((1, 2, 2, 768), (1, 3, 64, 64), "nhwc", (2, 2)),
+    ((1, 16, 16, 16), (1, 3, 64, 64), "nchw", (16, 16)),  # a cube reads channels first
+    ((1, 197, 192), (1, 3, 224, 224), "tokens", (14, 14)),
+    ((1, 198, 192), (1, 3, 224, 224), "tokens", (14, 14)),  # class + distillation token
+    ((1, 32, 64), (1, 3, 32, 64), "tokens", (4, 8)),  # a wide image: the grid keeps its aspect
+    ((1, 10), (1, 3, 8, 8), "vector", (1, 1)),
+    ((1, 4, 100), (1, 4, 100), "other", None),  # a 1-D signal
+])
+def test_layout_rule(shape: tuple, inp: tuple, layout: str, grid: tuple | None) -> None:
+    assert decide(shape, inp) == (layout, grid)
+
+
+def test_to_maps_drops_leading_tokens_and_moves_channels_first() -> None:
+    t = torch.arange(2 * 17 * 3, dtype=torch.float32).reshape(2, 17, 3)
+    maps = to_maps(t, "tokens", token_grid(17, (32, 32)))
+    assert maps.shape == (2, 3, 4, 4) and torch.equal(maps[1, 2, 3, 1], t[1, 1 + 3 * 4 + 1, 2])
+    hwc = torch.randn(2, 4, 4, 5)
+    assert torch.equal(to_maps(hwc, "nhwc"), hwc.permute(0, 3, 1, 2))
+    with pytest.raises(ValueError, match="no"):
+        to_maps(torch.randn(1, 4, 100), "other")
+
+
+def tiny_vit() -> nn.Module:
+    torch.manual_seed(0)
+    return timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, num_classes=10).eval()
+
+
+def test_vit_merges_are_tokens_and_show_on_the_patch_grid() -> None:
+    model, x = tiny_vit(), torch.randn(3, 32, 32)
+    res = residualize(model, x[None])
+    assert len(res.residual_map) == 24 and {(m.layout, m.grid) for m in res.residual_map} == {("tokens", (4, 4))}
+    taken = {}
+    h = res.merge_blocks[5].register_forward_hook(lambda m, i, o: taken.update(y=o.detach()))
+    result = inspect_image(res, x, block=5, channels=4)
+    h.remove()
+    assert result.maps.sum.shape == (4, 4, 4) and result.maps.f.shape == (4, 4, 4)
+    by_hand = taken["y"][0, 1:].reshape(4, 4, -1).permute(2, 0, 1)[:4]  # patch tokens on the grid, class token dropped
+    np.testing.assert_array_equal(result.maps.sum, by_hand.numpy())
+    cam = attribute(res, x, "gradcam", block=21)  # block 10's MLP merge: its patch tokens reach the class token
+    assert cam.raw.shape == (1, 4, 4) and cam.heatmap.shape == (32, 32) and cam.heatmap.max() == 1.0
+    assert not attribute(res, x, "gradcam", block=23).raw.any()  # the last block's patch tokens never reach the head
+    torch.testing.assert_close(attribute(res, x, "gradcam").raw, cam.raw)  # so the default steps back to block 21
+    with torch.no_grad(), SignalProp(res) as sig:
+        res(x[None].repeat(2, 1, 1, 1))
+    assert all(torch.isfinite(v).all() and v.shape == (1, 24) for v in sig.result().values())
+
+
+def test_grid_gradcam_is_captums_gradcam_on_channels_first_maps(tv_resnet18: nn.Module) -> None:
+    from captum.attr import LayerGradCam
+
+    x, block = torch.randn(1, 3, 64, 64), tv_resnet18.blocks[6]
+    ours = _grid_gradcam(tv_resnet18.eval(), x, 3, block, ("nchw", None), relu=True)
+    theirs = LayerGradCam(tv_resnet18, block).attribute(x, target=3, relu_attributions=True)
+    torch.testing.assert_close(ours, theirs)
+
+
+@pytest.mark.slow
+def test_swin_merges_are_channels_last_maps() -> None:
+    torch.manual_seed(0)
+    model, x = torchvision.models.swin_t().eval(), torch.randn(3, 64, 64)
+    res = residualize(model, x[None])
+    assert len(res.residual_map) == 24 and {m.layout for m in res.residual_map} == {"nhwc"}
+    assert res.residual_map[0].grid == (16, 16) and res.residual_map[-1].grid == (2, 2)
+    assert torch.equal(res(x[None]), model(x[None]))
+    result = inspect_image(res, x, block=4, channels=8)  # stage 2 (merges 4-7): 8x8 maps of 192 channels
+    assert result.maps.sum.shape == (8, 8, 8) and result.maps.total_channels == 192
+    assert attribute(res, x, "gradcam", block=20).heatmap.shape == (64, 64)
+
+
+class DataDependentShape(nn.Module):
+    """Traceable, but its shapes depend on values: fake tensors cannot run it, a real forward can."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x + self.conv(x)
+        picked = torch.nonzero(y.flatten(1) > 0)  # (K, 2): K depends on the values
+        return y.mean() + picked.float().mean()
+
+
+def test_shapes_fall_back_to_a_real_forward() -> None:
+    rmap = discover(DataDependentShape(), torch.randn(1, 3, 8, 8))
+    assert len(rmap) == 1 and rmap[0].shape == (1, 3, 8, 8) and rmap[0].shortcut == "identity"
+
+
+def test_a_copy_of_a_residualized_model_is_one_too() -> None:
+    import copy
+
+    res = residualize(tiny_vit(), torch.randn(1, 3, 32, 32))
+    twin = copy.deepcopy(res)
+    x = torch.randn(2, 3, 32, 32)
+    assert twin.residual_map == res.residual_map and torch.equal(twin(x), res(x))
+    twin.set_skips(False)
+    assert res.skips == (True,) * 24 and twin.skips == (False,) * 24
+    assert not torch.equal(twin(x), res(x))
+    assert all(p is not q for p, q in zip(twin.parameters(), res.parameters()))

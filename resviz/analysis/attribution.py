@@ -17,11 +17,13 @@ import torch.nn.functional as F
 from captum.attr import IntegratedGradients, LayerAttribution, LayerGradCam, Occlusion, Saliency
 from torch import nn
 
+from resviz.nn.layout import layout_of, to_maps
 from resviz.nn.merge import junctions
 from resviz.nn.scoped import eval_mode
 
 METHODS = ("integrated_gradients", "saliency", "gradcam", "occlusion")
 SIGNS = ("absolute", "positive", "negative")
+TOKEN_TRIES = 4  # default Grad-CAM of a token model: how many final blocks to try for a non-zero map
 IG_INTERNAL_BATCH = 16  # IG steps evaluated per forward pass: bounds memory for big nets and images
 _DEFAULT_SIGN = {"integrated_gradients": "absolute", "saliency": "absolute", "gradcam": "positive", "occlusion": "positive"}
 
@@ -86,7 +88,12 @@ def _gradcam(
 ) -> Result:
     """Grad-CAM at the output of block ``block`` (default: the last one), upsampled to the input.
 
-    Blocks are the parents of the net's merge modules, in :func:`resviz.nn.merge.junctions` order.
+    Blocks are the parents of the net's merge modules, in :func:`resviz.nn.merge.junctions` order. A
+    block whose output is not (B, C, H, W) (a token model's (B, N, C), a Swin block's (B, H, W, C)) is
+    explained on its maps (:func:`resviz.nn.layout.to_maps`: the patch grid, class tokens dropped). In
+    a ViT whose head reads the class token, the last blocks' patch tokens have no gradient: by default
+    (``block=None``) a token model's Grad-CAM is taken at the last of its final ``TOKEN_TRIES`` blocks
+    whose map is not all zero.
     """
     try:
         blocks = [j.block for j in junctions(net)]
@@ -95,9 +102,40 @@ def _gradcam(
     index = len(blocks) - 1 if block is None else block
     if not -len(blocks) <= index < len(blocks):
         raise ValueError(f"block {block} is out of range: the net has {len(blocks)} blocks")
-    cam = LayerGradCam(net, blocks[index]).attribute(x, target=target, relu_attributions=relu)  # (1, 1, h, w)
+    layout = layout_of(blocks[index])
+    if layout[0] == "nchw":
+        cam = LayerGradCam(net, blocks[index]).attribute(x, target=target, relu_attributions=relu)  # (1, 1, h, w)
+    else:
+        cam = _grid_gradcam(net, x, target, blocks[index], layout, relu)
+        while block is None and not cam.any() and index > max(0, len(blocks) - TOKEN_TRIES):
+            index -= 1  # a class-token head: the last blocks' patch tokens never reach the logits
+            cam = _grid_gradcam(net, x, target, blocks[index], layout_of(blocks[index]), relu)
     up = LayerAttribution.interpolate(cam, tuple(x.shape[-2:]), interpolate_mode)  # (1, 1, H, W)
     return cam[0], up[0, 0], None
+
+
+def _grid_gradcam(net: nn.Module, x: torch.Tensor, target: int, layer: nn.Module,
+                  layout: tuple[str, tuple[int, int] | None], relu: bool) -> torch.Tensor:
+    """Grad-CAM (as Captum's ``LayerGradCam`` computes it) on the maps of a layer of another layout: (1, 1, h, w).
+
+    Weights: the gradient of the target logit averaged over the map's positions, per channel; the cam
+    is the weighted sum of the layer's maps over channels.
+    """
+    seen: list[torch.Tensor] = []
+
+    def keep(_m: nn.Module, _i: tuple, out: torch.Tensor) -> torch.Tensor:
+        seen.append(out)
+        return out.clone()  # the model goes on with a copy: its in-place ops (ReLU(inplace=True)) leave ``out`` alone
+
+    handle = layer.register_forward_hook(keep)
+    try:
+        logits = net(x)
+    finally:
+        handle.remove()
+    (grad,) = torch.autograd.grad(logits[0, target], seen[-1])
+    acts, grads = to_maps(seen[-1].detach(), *layout), to_maps(grad, *layout)  # (1, C, h, w)
+    cam = (grads.mean(dim=(2, 3), keepdim=True) * acts).sum(dim=1, keepdim=True)
+    return cam.relu() if relu else cam
 
 
 def _occlusion(

@@ -4,7 +4,8 @@ A *merge* is a tensor addition ``y = a + b`` whose two operands descend from a c
 inside the computation (not only from the model's input through unrelated paths): ``a = F(x)`` is the
 residual branch and ``b = S(x)`` the shortcut. The fork is the operands' nearest common ancestor in
 the graph. Additions with a constant or parameter operand (a bias, a positional embedding), with
-broadcasting, or of two tensors that share no computed ancestor are not merges.
+broadcasting, of two scalars (0-d reductions, such as the terms of a loss), or of two tensors that share
+no computed ancestor are not merges.
 
 Of the two paths from the fork, the shortcut is the one that computes less: no nodes at all, or only
 modules that compute nothing (``nn.Identity``, dropout, drop-path or stochastic depth in eval mode,
@@ -14,6 +15,12 @@ checked by running them), makes an ``"identity"`` shortcut; anything else on it 
 Tracing uses ``torch.fx`` with every module that has no children as a leaf (so stochastic depth keeps
 its train/eval switch and custom layers stay whole); when symbolic tracing fails, the error names the
 module and the construct, and :class:`TraceError` carries it.
+
+Shapes come from running the traced graph on fake tensors (``FakeTensorMode``: shapes and dtypes, no
+arithmetic), which costs a small fraction of a real forward for large models; a graph that cannot run
+on fake tensors (data-dependent shapes, in-place writes to real buffers) is run for real instead. Each
+merge's layout (where its channels are: ``nchw``, ``nhwc``, ``tokens``, ``vector``) is decided from its
+shape and the input's, as :mod:`resviz.nn.layout` documents.
 """
 
 from __future__ import annotations
@@ -25,10 +32,12 @@ from typing import Any
 
 import torch
 from torch import fx, nn
-from torch.fx.passes.shape_prop import ShapeProp
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
 from resviz.nn import merge as merge_seam
 from resviz.nn.blocks import Add  # the merge module of ResViz's own blocks, reused here
+from resviz.nn.layout import decide
 
 ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add)
 ADD_METHODS = ("add", "add_")
@@ -54,6 +63,9 @@ class MergeInfo:
         shortcut: ``"identity"`` (nothing computed on S) or ``"projection"``.
         shape: the shape of ``y`` (and of both operands) for the example input.
         branch_operand: 0 or 1: which argument of the addition is F(x).
+        layout: where the channels are in ``shape``: ``"nchw"``, ``"nhwc"``, ``"tokens"`` (B, N, C),
+            ``"vector"`` (B, C) or ``"other"`` (see :mod:`resviz.nn.layout`).
+        grid: the (h, w) of the merge's tensor as maps (the patch grid of a token model); None for "other".
     """
 
     index: int
@@ -65,6 +77,8 @@ class MergeInfo:
     shortcut: str
     shape: tuple[int, ...]
     branch_operand: int = 0
+    layout: str = "nchw"
+    grid: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -256,16 +270,60 @@ def _modules_on(path: list[fx.Node]) -> tuple[str, ...]:
 
 
 def _example_shapes(gm: fx.GraphModule, example_input: torch.Tensor | tuple) -> None:
-    """Annotate every node with its tensor shape for ``example_input`` (eval mode, no grad; modes restored)."""
+    """Annotate every node with its tensor shape for ``example_input`` (eval mode, no grad; modes restored).
+
+    Fake tensors first (no arithmetic); a graph they cannot run is run on the real input.
+    """
     args = example_input if isinstance(example_input, tuple) else (example_input,)
     modes = {m: m.training for m in gm.modules()}
     try:
         gm.eval()
         with torch.no_grad():
-            ShapeProp(gm).propagate(*args)
+            try:
+                mode = FakeTensorMode(allow_non_fake_inputs=True)
+                fake = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
+                with mode:
+                    _Shapes(gm, fake=True).run(*fake)
+            except Exception:  # fake tensors fail on data-dependent shapes and similar: run for real
+                _Shapes(gm).run(*args)
     finally:
         for m, t in modes.items():
             m.training = t
+
+
+# Leaf modules whose output has their input's shape, dtype and layout: on fake tensors they are skipped
+# (FakeTensorMode decomposes batch norm in Python, which made it cost more than a real forward).
+SHAPE_KEEPING = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm, nn.Identity,
+                 nn.modules.dropout._DropoutNd)
+SHAPE_KEEPING_EXACT = (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh,
+                       nn.LeakyReLU, nn.ELU, nn.Mish)
+
+
+class _Shapes(fx.Interpreter):
+    """Runs a graph and records each node's tensor metadata (``node.meta["tensor_meta"]``).
+
+    With ``fake`` set, the leaf modules in ``SHAPE_KEEPING`` are not run: their output is an empty
+    tensor like their input (fake tensors have no values to compute).
+    """
+
+    def __init__(self, gm: fx.GraphModule, fake: bool = False) -> None:
+        super().__init__(gm)
+        self.fake = fake
+
+    def call_module(self, target: Any, args: tuple, kwargs: dict) -> Any:
+        m = self.fetch_attr(target)
+        x = args[0] if len(args) == 1 and not kwargs else None
+        if self.fake and isinstance(x, torch.Tensor) and (isinstance(m, SHAPE_KEEPING) or type(m) in SHAPE_KEEPING_EXACT):
+            return torch.empty_like(x)
+        return super().call_module(target, args, kwargs)
+
+    def run_node(self, n: fx.Node) -> Any:
+        result = super().run_node(n)
+        if isinstance(result, torch.Tensor):
+            n.meta["tensor_meta"] = _extract_tensor_metadata(result)
+        else:
+            n.meta.pop("tensor_meta", None)
+        return result
 
 
 @dataclass(frozen=True, eq=False)
@@ -285,6 +343,7 @@ def find_merges(gm: fx.GraphModule, root: nn.Module | None = None) -> list[Found
     ``root`` is the traced model (its module names are the owners'; default ``gm``).
     """
     anc = _Ancestry(gm.graph)
+    input_shape = next((_shape(n) for n in anc.nodes if n.op == "placeholder"), None)
     modules = dict(gm.named_modules())
     owners_of = dict((root or gm).named_modules())
     found: list[tuple[fx.Node, str, fx.Node, list[fx.Node], list[fx.Node], int]] = []
@@ -295,8 +354,8 @@ def find_merges(gm: fx.GraphModule, root: nn.Module | None = None) -> list[Found
         if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)) or not (anc.live[a] and anc.live[b]):
             continue
         out = _shape(node)
-        if out is None or _shape(a) != out or _shape(b) != out:
-            continue  # broadcasting: a bias, a scale or an embedding, not a second path
+        if not out or _shape(a) != out or _shape(b) != out:
+            continue  # broadcasting (a bias, a scale or an embedding, not a second path) or a sum of scalars
         fork = anc.fork(a, b)
         if fork is None:
             continue
@@ -313,10 +372,12 @@ def find_merges(gm: fx.GraphModule, root: nn.Module | None = None) -> list[Found
     owners = [f[1] for f in found]
     merges = []
     for i, (node, owner, fork, fpath, spath, branch, swork) in enumerate(found):
+        layout, grid = decide(_shape(node) or (), input_shape)
         info = MergeInfo(
             index=i, name=_merge_name(owner, owners, i, owners_of), owner=owner, fork=fork.name,
             branch=_modules_on(fpath), shortcut_modules=_modules_on(spath),
-            shortcut="projection" if swork else "identity", shape=_shape(node) or (), branch_operand=branch)
+            shortcut="projection" if swork else "identity", shape=_shape(node) or (), branch_operand=branch,
+            layout=layout, grid=grid)
         merges.append(Found(node, info, fork, tuple(fpath), tuple(spath)))
     return merges
 
@@ -391,15 +452,28 @@ class Residualized(fx.GraphModule):
     """A traced model whose every residual addition is a :class:`GraphBlock` (see :func:`residualize`).
 
     It has the interface of ResViz's own nets: ``set_skips``, ``set_removed``, ``skips``, residual
-    scaling, and its merges in execution order (``resviz.nn.merge.junctions`` finds them).
+    scaling, and its merges in execution order (``resviz.nn.merge.junctions`` finds them; ``merge_blocks``
+    lists their blocks, and so does ``blocks`` unless the model has its own submodule of that name).
     """
 
     residual_map: ResidualMap
 
     @property
-    def blocks(self) -> list[GraphBlock]:
-        """The residual blocks in execution order."""
+    def merge_blocks(self) -> list[GraphBlock]:
+        """The residual blocks (:class:`GraphBlock`) in execution order."""
         return [self.get_submodule(m.name) for m in self.residual_map]
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Residualized:
+        out = super().__deepcopy__(memo)  # fx rebuilds the module from its __dict__'s modules and graph only
+        out.residual_map = self.residual_map
+        return out
+
+    def __getattr__(self, name: str) -> Any:
+        # ``blocks`` is ``merge_blocks``, as on ResViz's own nets, unless the model has a submodule of that
+        # name (a ViT's or a ResViz net's ``blocks``): the graph's code reaches its modules through it.
+        if name == "blocks" and "blocks" not in self.__dict__.get("_modules", {}):
+            return self.merge_blocks
+        return super().__getattr__(name)
 
     @property
     def skips(self) -> tuple[bool, ...]:
@@ -415,7 +489,7 @@ class Residualized(fx.GraphModule):
 
     def set_scale(self, scale: float | Iterable[float]) -> None:
         """Residual scaling: F(x) is multiplied by ``scale`` (one value or one per merge)."""
-        blocks = self.blocks
+        blocks = self.merge_blocks
         values = [float(scale)] * len(blocks) if isinstance(scale, int | float) else [float(v) for v in scale]
         if len(values) != len(blocks):
             raise ValueError(f"expected {len(blocks)} scales, got {len(values)}")

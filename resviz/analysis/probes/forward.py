@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from resviz.analysis.probes.base import Probe, Rows, Tensor
+from resviz.nn.layout import channels_first, layout_of, to_maps
 
 F32 = torch.float32
 LOW = (torch.bfloat16, torch.float16)  # autocast dtypes: reduced with float32 accumulation, never copied to float32
@@ -132,7 +133,8 @@ class SignalProp(Probe):
     Per forward call, at each block output y: ``mean_sq`` = mean over channels of (mean over N,H,W of y)^2,
     ``var`` = mean over channels of the variance over N,H,W of y; ``branch_var`` = the same average
     channel variance of F(x) at the merge (NaN for a removed block). Variances are population variances
-    (divide by N*H*W).
+    (divide by N*H*W). Channels are where the block's layout puts them (:mod:`resviz.nn.layout`): the
+    last dimension of a token model's (B, N, C) or a Swin block's (B, H, W, C), every token a position.
     """
 
     KEYS = ("mean_sq", "var", "branch_var")
@@ -143,23 +145,24 @@ class SignalProp(Probe):
 
     def _attach(self) -> None:
         for i, j in enumerate(self.blocks):
-            self._handles.append(j.block.register_forward_hook(self._out_hook(i)))
-            self._handles.append(j.merge.register_forward_hook(self._merge_hook(i)))
+            layout = layout_of(j.block)[0]
+            self._handles.append(j.block.register_forward_hook(self._out_hook(i, layout)))
+            self._handles.append(j.merge.register_forward_hook(self._merge_hook(i, layout)))
 
-    def _out_hook(self, i: int) -> Callable[..., None]:
+    def _out_hook(self, i: int, layout: str) -> Callable[..., None]:
         def hook(_m: nn.Module, _inputs: tuple, out: Tensor) -> None:
             if self._on:
-                var, mean = channel_var_mean(out)
+                var, mean = channel_var_mean(channels_first(out, layout))
                 self._rows.put(0, i, mean.square().mean())
                 self._rows.put(1, i, var.mean())
 
         return hook
 
-    def _merge_hook(self, i: int) -> Callable[..., None]:
+    def _merge_hook(self, i: int, layout: str) -> Callable[..., None]:
         def hook(_m: nn.Module, inputs: tuple, _out: Tensor) -> None:
             f = inputs[0]
             if self._on and f is not None:
-                self._rows.put(2, i, channel_var_mean(f)[0].mean())
+                self._rows.put(2, i, channel_var_mean(channels_first(f, layout))[0].mean())
 
         return hook
 
@@ -176,7 +179,10 @@ class Activations(Probe):
             of the activation is not kept alive).
         blocks: indices of the blocks to tap (default all); ``.indices`` lists them.
 
-    Every forward call is kept; ``result()`` concatenates the calls along the batch dimension.
+    Every forward call is kept; ``result()`` concatenates the calls along the batch dimension. Maps are
+    ``(N, C, h, w)`` whatever the block's layout (:func:`resviz.nn.layout.to_maps`): a token model's
+    (B, N, C) tokens are shown on the patch grid (class tokens dropped), a Swin block's (B, H, W, C)
+    maps channels first, a (B, C) vector as 1x1 maps.
     """
 
     def __init__(self, net: nn.Module, max_channels: int | None = None, blocks: Sequence[int] | None = None) -> None:
@@ -189,34 +195,41 @@ class Activations(Probe):
         if max_channels is not None and max_channels < 1:
             raise ValueError(f"max_channels must be >= 1, got {max_channels}")
         self.max_channels = max_channels
+        self._layouts = [layout_of(self.blocks[i].block) for i in self.indices]
+        # A traced model's merge output may be overwritten later by an in-place op (torchvision's
+        # ReLU(inplace=True) after ``out += identity``): its maps are copied. ResViz's blocks need no copy.
+        self._copy = [getattr(self.blocks[i].block, "info", None) is not None for i in self.indices]
         self._store: list[dict[str, list[Tensor | None]]] = [self._empty() for _ in self.indices]
 
     @staticmethod
     def _empty() -> dict[str, list[Tensor | None]]:
         return {"f": [], "s": [], "sum": [], "out": []}
 
-    def _keep(self, t: Tensor | None) -> Tensor | None:
+    def _keep(self, t: Tensor | None, layout: tuple[str, tuple[int, int] | None], copy: bool) -> Tensor | None:
         if t is None:
             return None
-        t = t.detach()
-        return t if self.max_channels is None else t[:, : self.max_channels].clone()
+        t = t.detach() if layout[0] == "other" else to_maps(t.detach(), *layout)  # "other": kept as it is
+        if self.max_channels is not None:
+            return t[:, : self.max_channels].clone()
+        return t.clone() if copy else t
 
     def _attach(self) -> None:
         for k, i in enumerate(self.indices):
-            merge_hook, out_hook = self._hooks(self._store[k])
+            merge_hook, out_hook = self._hooks(self._store[k], self._layouts[k], self._copy[k])
             self._handles.append(self.blocks[i].merge.register_forward_hook(merge_hook))
             self._handles.append(self.blocks[i].block.register_forward_hook(out_hook))
 
-    def _hooks(self, store: dict[str, list[Tensor | None]]) -> tuple[Callable[..., None], Callable[..., None]]:
+    def _hooks(self, store: dict[str, list[Tensor | None]], layout: tuple[str, tuple[int, int] | None],
+               copy: bool) -> tuple[Callable[..., None], Callable[..., None]]:
         def merge_hook(_m: nn.Module, inputs: tuple, out: Tensor) -> None:
             if self._on:
-                store["f"].append(self._keep(inputs[0]))
-                store["s"].append(self._keep(inputs[1]))
-                store["sum"].append(self._keep(out))
+                store["f"].append(self._keep(inputs[0], layout, copy))
+                store["s"].append(self._keep(inputs[1], layout, copy))
+                store["sum"].append(self._keep(out, layout, copy))
 
         def out_hook(_m: nn.Module, _inputs: tuple, out: Tensor) -> None:
             if self._on:
-                store["out"].append(self._keep(out))
+                store["out"].append(self._keep(out, layout, copy))
 
         return merge_hook, out_hook
 
