@@ -88,8 +88,18 @@ def test_pretrained_block_lists_every_checkpoint_of_the_manifest(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="needs Debian's chromium")
-def test_figures_export_as_png_through_the_system_chromium(tmp_path: Path):
+@pytest.mark.parametrize("inside_a_loop", [False, True])
+def test_figures_export_as_png_through_the_system_chromium(tmp_path: Path, inside_a_loop: bool):
     pytest.importorskip("kaleido")
+    if inside_a_loop:  # as when a browser driver or a notebook already runs an event loop in this thread
+        import asyncio
+
+        async def inside() -> None:
+            figures.write_png(figures.build(refs, {"shattered": results.load("shattered")}), tmp_path / "loop")
+
+        refs = figures.references("![a](img/experiments/shattered_correlation_by_depth.png)")
+        asyncio.run(inside())
+        assert (tmp_path / "loop" / "shattered_correlation_by_depth.png").read_bytes()[:4] == b"\x89PNG"
     refs = figures.references("![a](img/experiments/shattered_correlation_by_depth.png)")
     written = figures.write_png(figures.build(refs, {"shattered": results.load("shattered")}), tmp_path)
     png = written[0].read_bytes()

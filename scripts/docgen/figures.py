@@ -13,6 +13,7 @@ import asyncio
 import os
 import re
 import shutil
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,5 +93,28 @@ def write_png(figures: Mapping[str, go.Figure], folder: Path) -> list[Path]:
         async with kaleido.Kaleido(path=browser(), mathjax=False, n=1) as k:  # no MathJax: it would come from a CDN
             await k.write_fig_from_object(specs, cancel_on_error=True)
 
-    asyncio.run(export())
+    _run_coroutine(export)
     return [folder / name for name in figures]
+
+
+def _run_coroutine(make: Any) -> None:
+    """``asyncio.run(make())``, in a thread of its own when this thread already runs an event loop (a
+    notebook, or a test session whose browser driver holds one)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        asyncio.run(make())
+        return
+    errors: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            asyncio.run(make())
+        except BaseException as e:  # handed back to the caller's thread
+            errors.append(e)
+
+    worker = threading.Thread(target=work, name="resviz-docgen-export")
+    worker.start()
+    worker.join()
+    if errors:
+        raise errors[0]
