@@ -93,15 +93,29 @@ def test_figures_export_as_png_through_the_system_chromium(tmp_path: Path, insid
     pytest.importorskip("kaleido")
     if inside_a_loop:  # as when a browser driver or a notebook already runs an event loop in this thread
         import asyncio
+        import threading
+
+        refs = figures.references("![a](img/experiments/shattered_correlation_by_depth.png)")
 
         async def inside() -> None:
             figures.write_png(figures.build(refs, {"shattered": results.load("shattered")}), tmp_path / "loop")
 
-        refs = figures.references("![a](img/experiments/shattered_correlation_by_depth.png)")
-        asyncio.run(inside())
+        # a thread of its own, so that the test does not depend on whether this thread already runs a loop
+        errors: list[BaseException] = []
+        worker = threading.Thread(target=lambda: _capture(errors, lambda: asyncio.run(inside())))
+        worker.start()
+        worker.join()
+        assert not errors, errors
         assert (tmp_path / "loop" / "shattered_correlation_by_depth.png").read_bytes()[:4] == b"\x89PNG"
     refs = figures.references("![a](img/experiments/shattered_correlation_by_depth.png)")
     written = figures.write_png(figures.build(refs, {"shattered": results.load("shattered")}), tmp_path)
     png = written[0].read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     assert int.from_bytes(png[16:20], "big") == figures.WIDTH * 1  # PNG width (scale 1)
+
+
+def _capture(errors: list[BaseException], fn) -> None:
+    try:
+        fn()
+    except BaseException as e:  # handed to the test's thread
+        errors.append(e)
