@@ -8,6 +8,7 @@ The step lives in the URL (``?step=3``), so every step has its own link.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import streamlit as st
@@ -51,6 +52,20 @@ def _init_grads(depth: int) -> dict[str, np.ndarray]:
     return gradient_norms_at_init(depth)
 
 
+@st.cache_resource(show_spinner=False)
+def _stored_figures(name: str) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """A stored study result and its figures, read and built once per server (shared, read-only)."""
+    result = stored_result(name)
+    return None if result is None else (result, study_figures(result))
+
+
+def _stored_or_note(name: str) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    found = _stored_figures(name)
+    if found is None:
+        st.info(f"The stored {name} results are not here; `python -m scripts.docgen results {name}` makes them.")
+    return found
+
+
 def _step_block() -> None:
     st.markdown("A residual block adds its input back: **y = act(F(x) + S(x))**. F, the *residual* branch, "
                 "only has to learn a change to x; S is the identity (or a projection when the shape changes). "
@@ -72,12 +87,11 @@ def _step_degradation() -> None:
     st.markdown("He et al. (2016) found that a deeper *plain* net trains **worse** than a shallower one, although it "
                 "could copy it and add identity layers. With skip connections, deeper nets train as well or better. "
                 "Darker lines are deeper nets.")
-    result = stored_result("degradation")
-    if result is None:
-        st.info("The stored degradation results are not here; `python -m scripts.docgen results degradation` makes them.")
+    found = _stored_or_note("degradation")
+    if found is None:
         return
+    result, figs = found
     which = st.segmented_control("Show", ["training curves", "error by depth"], default="training curves", key="tour_deg")
-    figs = study_figures(result)
     st.plotly_chart(figs["training_curves" if which != "error by depth" else "error_by_depth"], key="tour_deg_fig")
     st.caption(f"Stored result of `python -m resviz study degradation` ({result['config'].get('budget')} budget, "
                f"seed {result['config'].get('seed')}).")
@@ -109,12 +123,11 @@ def _step_ensembles() -> None:
 def _step_landscape() -> None:
     st.markdown("Li et al. (2018): around the trained weights, the loss of a residual net is a smooth bowl; "
                 "the plain net's is rough and chaotic, which is what makes it hard to train.")
-    result = stored_result("landscape-shipped")
-    if result is None:
-        st.info("The stored landscape results are not here; `python -m scripts.docgen results landscape-shipped` makes them.")
+    found = _stored_or_note("landscape-shipped")
+    if found is None:
         return
+    _result, figs = found
     net = st.segmented_control("Net", ["residual", "plain"], default="residual", key="tour_land")
-    figs = study_figures(result)
     st.plotly_chart(figs[f"surface_{net or 'residual'}"], key="tour_land_fig")
     st.caption("Stored result of the landscape study on the shipped ResNet-32 and its plain twin.")
 
