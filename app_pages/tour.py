@@ -33,7 +33,7 @@ def _twins() -> dict[str, tuple]:
 
 @st.cache_data(show_spinner=False)
 def _samples() -> tuple[np.ndarray, np.ndarray]:
-    net, info = _twins()["residual"]
+    _net, info = _twins()["residual"]
     data = zoo.dataset_samples(info, LESION_IMAGES)
     x, y = data.tensors
     return x[:LESION_IMAGES].numpy(), y[:LESION_IMAGES].numpy()

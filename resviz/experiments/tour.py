@@ -18,6 +18,7 @@ from torch import nn
 
 from resviz.analysis.initstats import init_comparison
 from resviz.config import NetConfig
+from resviz.nn.merge import merges
 from resviz.nn.scoped import Lesion, lesioned
 from resviz.train.state import evaluate
 
@@ -51,7 +52,7 @@ def lesion_curve(nets: dict[str, nn.Module], x: torch.Tensor, y: torch.Tensor, k
     Removing a block of the plain net drops its branch and keeps the (switched-off) shortcut's input
     path, exactly as for the residual net: the twins differ only in their skips.
     """
-    n_blocks = {len(getattr(net, "blocks", [])) for net in nets.values()}
+    n_blocks = {len(merges(net)) for net in nets.values()}
     if len(n_blocks) != 1:
         raise ValueError("the nets must have the same number of blocks")
     (n,) = n_blocks
