@@ -2,11 +2,15 @@
 
 They never touch a model. Every builder draws NaN/Inf (and, on log axes, non-positive values) as gaps
 instead of failing, never raises on empty data, and passes plain lists to plotly so the serialised
-figure holds ``null`` where a value is missing. Residual nets are always blue, plain nets vermillion.
+figure holds ``null`` where a value is missing. Residual nets are always blue, plain nets vermillion;
+every figure uses the one template of :mod:`resviz.theme`. :func:`figure_to_csv` gives any figure's data
+as CSV (the app's "CSV" button under every chart).
 """
 
 from __future__ import annotations
 
+import csv
+import io
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -15,22 +19,21 @@ import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-RESIDUAL_COLOR = "#0072B2"  # Okabe-Ito blue: readable for the common colour-vision deficiencies
-PLAIN_COLOR = "#D55E00"  # Okabe-Ito vermillion
-OFF_COLOR = "#9E9E9E"
-PROJECTION_COLOR = "#009E73"
-PALETTE = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#F0E442", "#000000")
-# A small white template built once: the named "plotly_white" template costs ~50 ms per figure to
-# validate, which the live Train view would pay several times a second; this one costs ~7 ms.
-_GRID = "#EBF0F8"
-TEMPLATE = go.layout.Template(
-    layout={
-        "plot_bgcolor": "white",
-        "paper_bgcolor": "white",
-        "xaxis": {"gridcolor": _GRID, "zerolinecolor": _GRID},
-        "yaxis": {"gridcolor": _GRID, "zerolinecolor": _GRID},
-    }
+from resviz.theme import (  # noqa: F401 - re-exported: the figure builders' colours and template
+    OFF_COLOR,
+    PALETTE,
+    PLAIN_COLOR,
+    PROJECTION_COLOR,
+    RESIDUAL_COLOR,
+    SEQUENTIAL,
+    SEQUENTIAL_ALT,
+    TEMPLATE,
+    TEXT_COLOR,
+    log_axis,
+    use_theme,
 )
+
+DECORATION = {"csv": False}  # trace ``meta`` of lines that only draw (a data path): left out of the CSV
 # transparent where unimportant, so the picture shows through; opaque red where important
 HEAT_SCALE = [[0.0, "rgba(255,255,0,0)"], [0.4, "rgba(255,200,0,0.35)"], [0.7, "rgba(255,110,0,0.7)"], [1.0, "rgba(200,0,0,0.95)"]]
 
@@ -120,50 +123,115 @@ def _finish(fig: go.Figure, message: str = "no data yet") -> go.Figure:
 
 
 # -- architecture --------------------------------------------------------------------------------
+ARCH_MAX_BOXES = 30  # more blocks than this and each stage collapses into one box of per-block cells
+ARCH_MAX_LABELS = 12  # block labels at most: at 500 px wide, 40 px apart (they never overlap)
+
+
+def _block_hover(i: int, b: Mapping[str, Any]) -> str:
+    return (f"{b.get('name', f'block {i}')}<br>stage {b.get('stage', '?')}: {b.get('cin', '?')} -> {b.get('cout', '?')} "
+            f"channels, stride {b.get('stride', 1)}<br>skip {'on' if b.get('skip', True) else 'off'}"
+            f"{' (projection)' if b.get('projection') else ''}{'<br>REMOVED' if b.get('removed') else ''}")
+
+
+def _skip_color(b: Mapping[str, Any]) -> str:
+    return (PROJECTION_COLOR if b.get("projection") else RESIDUAL_COLOR) if b.get("skip", True) else OFF_COLOR
+
+
 def _block_shapes(i: int, b: Mapping[str, Any]) -> list[dict]:
-    removed, skip, proj = bool(b.get("removed")), bool(b.get("skip", True)), bool(b.get("projection"))
+    removed, skip = bool(b.get("removed")), bool(b.get("skip", True))
     box = {"type": "rect", "x0": i - 0.35, "x1": i + 0.35, "y0": 0, "y1": 1, "layer": "below",
            "fillcolor": "#EEEEEE" if removed else "#DCEBF5",
            "line": {"color": OFF_COLOR if removed else RESIDUAL_COLOR, "dash": "dot" if removed else "solid"}}
-    color = (PROJECTION_COLOR if proj else RESIDUAL_COLOR) if skip else OFF_COLOR
     # a cubic arc that leaves and re-enters the data path vertically, clearing the box
     arc = {"type": "path", "path": f"M {i - 0.45},0.5 C {i - 0.45},1.6 {i + 0.45},1.6 {i + 0.45},0.5",
-           "line": {"color": color, "width": 2.5 if skip else 1.5, "dash": "solid" if skip else "dash"}}
+           "line": {"color": _skip_color(b), "width": 2.5 if skip else 1.5, "dash": "solid" if skip else "dash"}}
     return [box, arc]
 
 
-def architecture_figure(blocks: Sequence[Mapping[str, Any]], *, title: str = "Architecture") -> go.Figure:
-    """Blocks as boxes left to right with a skip arc over each (solid when on, grey dashed when off).
+def _stages(blocks: Sequence[Mapping[str, Any]]) -> dict[Any, list[int]]:
+    stages: dict[Any, list[int]] = {}
+    for i, b in enumerate(blocks):
+        stages.setdefault(b.get("stage", 0), []).append(i)
+    return stages
 
-    Each block dict: ``name, stage, cin, cout, stride, skip, projection, removed``.
+
+def _arch_legend(fig: go.Figure, removed: bool) -> None:
+    kinds = [("skip on", RESIDUAL_COLOR, "solid"), ("projection shortcut", PROJECTION_COLOR, "solid"),
+             ("skip off", OFF_COLOR, "dash")]
+    for name, color, dash in kinds:
+        fig.add_trace(go.Scatter(x=[None], y=[None], mode="lines", name=name, line={"color": color, "dash": dash}))
+    if removed:
+        fig.add_trace(go.Scatter(x=[None], y=[None], mode="markers", name="block removed",
+                                 marker={"symbol": "square-open", "size": 11, "color": OFF_COLOR}))
+
+
+def _arch_boxes(fig: go.Figure, blocks: Sequence[Mapping[str, Any]]) -> None:
+    """One box and skip arc per block; at most ARCH_MAX_LABELS block numbers, evenly spaced."""
+    n = len(blocks)
+    path_x = [v for i in range(n + 1) for v in (i - 1 + 0.35 if i else -0.7, i - 0.35 if i < n else n - 0.3, None)]
+    fig.add_trace(go.Scatter(x=path_x, y=[0.5, 0.5, None] * (n + 1), mode="lines", line={"color": "#555555"},
+                             hoverinfo="skip", showlegend=False, meta=DECORATION))
+    step = math.ceil(n / ARCH_MAX_LABELS)
+    labels = [(str(i) + (" ✕" if b.get("removed") else "")) if i % step == 0 else "" for i, b in enumerate(blocks)]
+    fig.add_trace(go.Scatter(x=list(range(n)), y=[0.5] * n, mode="markers+text", text=labels, name="blocks",
+                             hovertext=[_block_hover(i, b) for i, b in enumerate(blocks)], hoverinfo="text",
+                             textfont={"size": 11, "color": TEXT_COLOR}, marker={"size": 18, "color": "rgba(0,0,0,0)"},
+                             showlegend=False))
+    fig.update_layout(shapes=[s for i, b in enumerate(blocks) for s in _block_shapes(i, b)])
+    for stage, idx in _stages(blocks).items():
+        text = f"stage {stage}" if len(idx) / n >= 0.15 else str(stage)  # a narrow stage gets its number only
+        fig.add_annotation(x=sum(idx) / len(idx), y=-0.45, text=text, showarrow=False)
+    fig.update_xaxes(range=[-1, n])
+
+
+def _arch_stages(fig: go.Figure, blocks: Sequence[Mapping[str, Any]]) -> None:
+    """Each stage one box of equal width, its blocks small cells inside coloured by their skip."""
+    stages = list(_stages(blocks).items())
+    shapes, xs, hover = [], [], []
+    for s, (stage, idx) in enumerate(stages):
+        shapes.append({"type": "rect", "x0": s - 0.42, "x1": s + 0.42, "y0": 0, "y1": 1, "layer": "below",
+                       "fillcolor": "#F3F7FB", "line": {"color": RESIDUAL_COLOR}})
+        width = 0.76 / len(idx)
+        for j, i in enumerate(idx):
+            b = blocks[i]
+            x = s - 0.38 + (j + 0.5) * width
+            removed = bool(b.get("removed"))
+            shapes.append({"type": "rect", "x0": x - 0.42 * width, "x1": x + 0.42 * width, "y0": 0.3, "y1": 0.7,
+                           "fillcolor": "white" if removed else _skip_color(b),
+                           "line": {"color": OFF_COLOR if removed else _skip_color(b), "width": 1}})
+            xs.append(x)
+            hover.append(_block_hover(i, b))
+        b0, b1 = blocks[idx[0]], blocks[idx[-1]]
+        fig.add_annotation(x=s, y=1.02, yanchor="bottom", showarrow=False,
+                           text=f"stage {stage}: {len(idx)} blocks<br>{b0.get('cin', '?')} -> {b1.get('cout', '?')} ch")
+    last = len(stages)
+    path = [v for s in range(last + 1) for v in (s - 0.58 if s else -0.75, s - 0.42 if s < last else s - 0.25, None)]
+    fig.add_trace(go.Scatter(x=path, y=[0.5, 0.5, None] * (last + 1), mode="lines", line={"color": "#555555"},
+                             hoverinfo="skip", showlegend=False, meta=DECORATION))
+    fig.add_trace(go.Scatter(x=xs, y=[0.5] * len(xs), mode="markers", marker={"size": 10, "color": "rgba(0,0,0,0)"},
+                             name="blocks", hovertext=hover, hoverinfo="text", showlegend=False))
+    fig.update_layout(shapes=shapes)
+    fig.update_xaxes(range=[-0.8, len(stages) - 0.2])
+
+
+def architecture_figure(blocks: Sequence[Mapping[str, Any]], *, title: str = "Architecture") -> go.Figure:
+    """The net's blocks left to right, readable from 8 to 150+ layers.
+
+    Up to ``ARCH_MAX_BOXES`` blocks: a box per block with a skip arc over it (solid when on, grey dashed
+    when off), numbered at most ``ARCH_MAX_LABELS`` times. More blocks: each stage collapses into one box
+    of equal width (so a stage of three blocks stays as legible as one of thirty-six) holding a cell per
+    block, coloured by its skip. Hovering a block names it either way. Each block dict: ``name, stage,
+    cin, cout, stride, skip, projection, removed``.
     """
-    fig = _base(title, showlegend=True, height=300)
+    # the legend goes under the strip: beside it, it would take a third of a narrow column's width
+    fig = _base(title, showlegend=True, height=280, margin={"t": 56, "b": 16, "l": 16, "r": 16},
+                legend={"orientation": "h", "x": 0, "xanchor": "left", "y": 0, "yanchor": "top"})
     fig.update_xaxes(visible=False)
     fig.update_yaxes(visible=False, range=[-0.8, 1.8])
     if not blocks:
         return _no_data(fig, "no blocks")
-    n = len(blocks)
-    path_x = [v for i in range(n + 1) for v in (i - 1 + 0.35 if i else -0.7, i - 0.35 if i < n else n - 0.3, None)]
-    fig.add_trace(go.Scatter(x=path_x, y=[0.5, 0.5, None] * (n + 1), mode="lines", line={"color": "#555555"},
-                             hoverinfo="skip", showlegend=False))
-    hover = [
-        f"{b.get('name', f'block {i}')}<br>stage {b.get('stage', '?')}: {b.get('cin', '?')} -> {b.get('cout', '?')} channels, "
-        f"stride {b.get('stride', 1)}<br>skip {'on' if b.get('skip', True) else 'off'}"
-        f"{' (projection)' if b.get('projection') else ''}{'<br>REMOVED' if b.get('removed') else ''}"
-        for i, b in enumerate(blocks)
-    ]
-    labels = [str(b.get("name", i)) + (" ✕" if b.get("removed") else "") for i, b in enumerate(blocks)]
-    fig.add_trace(go.Scatter(x=list(range(n)), y=[0.5] * n, mode="markers+text", text=labels, hovertext=hover,
-                             hoverinfo="text", marker={"size": 40, "color": "rgba(0,0,0,0)"}, showlegend=False))
-    for name, color, dash in (("skip on", RESIDUAL_COLOR, "solid"), ("projection shortcut", PROJECTION_COLOR, "solid"),
-                              ("skip off", OFF_COLOR, "dash")):
-        fig.add_trace(go.Scatter(x=[None], y=[None], mode="lines", name=name, line={"color": color, "dash": dash}))
-    fig.update_layout(shapes=[s for i, b in enumerate(blocks) for s in _block_shapes(i, b)])
-    stages: dict[Any, list[int]] = {}
-    for i, b in enumerate(blocks):
-        stages.setdefault(b.get("stage", 0), []).append(i)
-    for stage, idx in stages.items():
-        fig.add_annotation(x=sum(idx) / len(idx), y=-0.45, text=f"stage {stage}", showarrow=False)
+    (_arch_boxes if len(blocks) <= ARCH_MAX_BOXES else _arch_stages)(fig, blocks)
+    _arch_legend(fig, any(b.get("removed") for b in blocks))
     return fig
 
 
@@ -173,38 +241,48 @@ def _net_pair(res: Any, plain: Any) -> list[tuple[str, Any]]:
 
 
 def signal_prop_figure(res_stats: Mapping[str, Any] | None, plain_stats: Mapping[str, Any] | None) -> go.Figure:
-    """Signal propagation (Brock et al. 2021): per block depth, both nets, log y.
+    """Signal propagation (Brock et al. 2021): per block depth, both nets, one panel per statistic, log y.
 
     Each stats dict: ``mean_sq`` (average channel squared mean) and ``var`` (average channel variance),
     one value per block; optional ``branch_var`` (residual-branch variance, adds a third panel) and
-    ``depth`` (x values).
+    ``depth`` (x values). The panels are stacked and share the depth axis, so their titles never meet
+    however narrow the chart; each log axis spans whole decades (see :func:`resviz.theme.log_axis`).
     """
     pairs = _net_pair(res_stats, plain_stats)
-    panels = [("mean_sq", "average channel squared mean"), ("var", "average channel variance")]
+    panels = [("mean_sq", "squared channel mean"), ("var", "channel variance")]
     if any(s.get("branch_var") is not None for _, s in pairs):
-        panels.append(("branch_var", "residual branch variance"))
-    fig = make_subplots(rows=1, cols=len(panels), subplot_titles=[t for _, t in panels])
-    fig.update_layout(title="Signal propagation", template=TEMPLATE)
-    for name, stats in pairs:
-        for col, (key, _) in enumerate(panels, start=1):
+        panels.append(("branch_var", "residual-branch variance"))
+    fig = make_subplots(rows=len(panels), cols=1, shared_xaxes=True, vertical_spacing=0.1,
+                        subplot_titles=[t for _, t in panels])
+    fig.update_layout(title="Signal propagation through depth", template=TEMPLATE, height=170 * len(panels) + 110)
+    for row, (key, label) in enumerate(panels, start=1):
+        values = []
+        for name, stats in pairs:
             x, y = _xy(stats.get("depth"), stats.get(key), positive=True)
-            fig.add_trace(go.Scatter(x=x, y=y, mode="lines+markers", name=name, legendgroup=name, showlegend=col == 1,
-                                     line={"color": net_color(name)}, hovertemplate=f"{name}<br>block %{{x}}: %{{y:.3g}}"),
-                          row=1, col=col)
-    fig.update_yaxes(type="log")
-    fig.update_xaxes(title_text="block depth")
+            values += [v for v in y if v is not None]
+            fig.add_trace(go.Scatter(x=x, y=y, mode="lines+markers", name=name, legendgroup=name, showlegend=row == 1,
+                                     line={"color": net_color(name)}, marker={"size": 5}, meta={"panel": label},
+                                     hovertemplate=f"{name}<br>block %{{x}}: %{{y:.4g}}<extra>{label}</extra>"),
+                          row=row, col=1)
+        fig.update_yaxes(log_axis(values), row=row, col=1)
+    fig.update_xaxes(title_text="block (input → output)", row=len(panels), col=1)
     return _finish(fig)
 
 
 def grad_norm_figure(res_norms: Sequence[float] | Mapping[str, float] | None,
                      plain_norms: Sequence[float] | Mapping[str, float] | None) -> go.Figure:
     """Gradient norm per block/layer for both nets, log y; a mapping's keys become the x labels."""
-    fig = _base("Gradient norm by depth", xaxis_title="layer (input -> output)", yaxis_title="gradient norm", yaxis_type="log")
+    fig = _base("Gradient norm by depth, residual vs plain", xaxis_title="block (input → output)",
+                yaxis_title="gradient norm (L2)")
+    values = []
     for name, norms in _net_pair(res_norms, plain_norms):
         labels = list(norms.keys()) if isinstance(norms, Mapping) else None
         ys = _clean(list(norms.values()) if labels is not None else norms, positive=True)
         xs = labels if labels is not None else list(range(1, len(ys) + 1))
-        fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines+markers", name=name, line={"color": net_color(name)}))
+        values += [v for v in ys if v is not None]
+        fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines+markers", name=name, line={"color": net_color(name)},
+                                 marker={"size": 5}, hovertemplate=f"{name}<br>%{{x}}: %{{y:.3g}}<extra></extra>"))
+    fig.update_yaxes(log_axis(values))
     return _finish(fig)
 
 
@@ -243,6 +321,8 @@ def training_curves_figure(history: Mapping[str, Mapping[str, Any]], *, smoothin
                                          name=f"{name} {split}", legendgroup=name, showlegend=col == 1,
                                          line={"color": color, "dash": dash}), row=1, col=col)
     fig.update_xaxes(title_text="step")
+    fig.update_yaxes(title_text="cross-entropy loss", row=1, col=1)
+    fig.update_yaxes(title_text="accuracy", tickformat=".0%", row=1, col=2)
     return _finish(fig)
 
 
@@ -250,7 +330,7 @@ def _log_colorbar(z: list[list[float | None]], title: str) -> dict:
     vals = [v for row in z for v in row if v is not None]
     lo, hi = (math.floor(min(vals)), math.ceil(max(vals))) if vals else (0, 1)
     ticks = list(range(lo, hi + 1))
-    return {"title": title, "tickvals": ticks, "ticktext": [f"1e{t}" for t in ticks]}
+    return {"title": title, "tickvals": ticks, "ticktext": [f"10<sup>{t}</sup>" for t in ticks], "thickness": 14}
 
 
 def grad_flow_heatmap(steps: Sequence[float], layer_names: Sequence[str], norms: Any) -> go.Figure:
@@ -310,7 +390,8 @@ def feature_grid(maps: Any, title: str = "Feature maps", max_maps: int = 16) -> 
 
 def magnitude_bars(norm_f: Sequence[float], norm_s: Sequence[float], *, labels: Sequence[str] | None = None) -> go.Figure:
     """||F(x)|| (residual branch) beside ||S(x)|| (shortcut) for every block."""
-    fig = _base("Branch vs shortcut magnitude", xaxis_title="block", yaxis_title="L2 norm", barmode="group")
+    fig = _base("Branch vs shortcut magnitude per block", xaxis_title="block", yaxis_title="L2 norm of the map",
+                barmode="group")
     for name, vals, color in (("||F(x)|| branch", norm_f, RESIDUAL_COLOR), ("||S(x)|| shortcut", norm_s, OFF_COLOR)):
         ys = _clean(vals)
         xs = list(labels)[: len(ys)] if labels is not None else [f"block {i}" for i in range(len(ys))]
@@ -321,7 +402,8 @@ def magnitude_bars(norm_f: Sequence[float], norm_s: Sequence[float], *, labels: 
 def topk_bars(class_names: Sequence[str], probs: Sequence[float], compare_probs: Sequence[float] | None = None, *,
               k: int = 5, names: tuple[str, str] = ("this net", "intact net")) -> go.Figure:
     """The top-k classes by ``probs``, optionally beside ``compare_probs`` (e.g. the intact net)."""
-    fig = _base(f"Top-{k} predictions", xaxis_title="probability", barmode="group", yaxis={"autorange": "reversed"})
+    fig = _base(f"Top-{k} predictions", xaxis_title="probability", xaxis_tickformat=".0%", barmode="group",
+                yaxis={"autorange": "reversed"})
     p = _clean(probs)
     order = sorted((i for i, v in enumerate(p) if v is not None), key=lambda i: -p[i])[:k]
     labels = [str(class_names[i]) if i < len(class_names) else f"class {i}" for i in order]
@@ -355,7 +437,7 @@ def lesion_figure(labels: Sequence[str], accuracy: Mapping[str, Sequence[float]]
                   intact: Mapping[str, float] | None = None) -> go.Figure:
     """Accuracy after removing each block (bars per net) against the intact accuracy (dashed lines)."""
     fig = _base("Lesion study: accuracy with one block removed", xaxis_title="removed block", yaxis_title="accuracy",
-                barmode="group")
+                yaxis_tickformat=".0%", barmode="group")
     for i, (name, acc) in enumerate((accuracy or {}).items()):
         ys = _clean(acc)
         xs = list(labels)[: len(ys)] + [f"block {j}" for j in range(len(labels), len(ys))]
@@ -397,7 +479,7 @@ def block_diagram_figure(skip: bool = True, *, norms: Mapping[str, float] | None
         wide = 0.95 if key == "F" else 0.3
         fig.add_shape(type="rect", x0=x - wide, x1=x + wide, y0=y - 0.1, y1=y + 0.1, line={"color": "#444"},
                       fillcolor="#F3F6FA")
-        fig.add_annotation(x=x, y=y, text=text, showarrow=False, font={"size": 14})
+        fig.add_annotation(x=x, y=y, text=text, showarrow=False, font={"size": 14, "color": TEXT_COLOR})
     arrows = [((0.3, 0.55), (0.65, 0.8), "#444"), ((2.55, 0.8), (2.9, 0.55), "#444"), ((3.5, 0.5), (3.9, 0.5), "#444"),
               ((4.5, 0.5), (4.9, 0.5), "#444")]
     for (x0, y0), (x1, y1), color in arrows:
@@ -409,7 +491,8 @@ def block_diagram_figure(skip: bool = True, *, norms: Mapping[str, float] | None
     fig.add_annotation(x=1.6, y=0.12, text=label, showarrow=False, font={"color": s_color, "size": 13})
     for key, (x, y) in {"F": (1.6, 1.0), "S": (1.6, 0.0), "y": (5.2, 0.75)}.items():
         if norms and key in norms and not math.isnan(_num(norms[key])):
-            fig.add_annotation(x=x, y=y, text=f"‖{key}‖ = {_num(norms[key]):.3g}", showarrow=False, font={"size": 12})
+            fig.add_annotation(x=x, y=y, text=f"‖{key}‖ = {_num(norms[key]):.3g}", showarrow=False,
+                               font={"size": 12, "color": TEXT_COLOR})
     fig.update_xaxes(visible=False, range=[-0.5, 5.7])
     fig.update_yaxes(visible=False, range=[-0.1, 1.1])
     return fig.update_layout(height=300, showlegend=False, margin={"l": 10, "r": 10, "t": 50, "b": 10})
@@ -473,3 +556,80 @@ def merge_strip(rows: Sequence[Mapping[str, Any]], *, title: str = "Skip connect
         fig.add_annotation(x=(idx[0] + idx[-1]) / 2, y=1.0, yref="paper", yanchor="bottom", text=str(k), showarrow=False,
                            font={"size": 11})
     return fig
+
+
+# -- data export ---------------------------------------------------------------------------------
+CSV_COLUMNS = ("trace", "panel", "x", "y", "z", "text")
+
+
+def _values(v: Any) -> list:
+    if v is None:
+        return []
+    return list(np.asarray(v, dtype=object).tolist()) if not isinstance(v, (list, tuple)) else list(v)
+
+
+def _cell(v: Any) -> Any:
+    if isinstance(v, (float, np.floating)):
+        if not math.isfinite(v):
+            return ""
+        return int(v) if float(v).is_integer() and abs(v) < 1e15 else float(v)  # steps stay 10, not 10.0
+    return "" if v is None else v
+
+
+def _panel(fig: go.Figure, tr: Any) -> str:
+    meta = tr.meta if isinstance(tr.meta, dict) else {}
+    if "panel" in meta:
+        return str(meta["panel"])
+    ref = getattr(tr, "scene", None) or getattr(tr, "xaxis", None)
+    return "" if ref in (None, "x", "scene") else str(ref)
+
+
+def _grid_rows(tr: Any) -> list[tuple]:
+    """(x, y, value) per cell of a heatmap, contour or surface: the measured value where the colours are
+    a transform of it (a log colour scale keeps the value itself in ``customdata``)."""
+    z = _arr(_values(tr.z))
+    if z.ndim != 2 or not z.size:
+        return []
+    raw = _arr(_values(tr.customdata)) if tr.customdata is not None else None
+    values = raw if raw is not None and raw.shape == z.shape else z
+    xs, ys = _values(tr.x), _values(tr.y)
+    x0, dx = (getattr(tr, "x0", None), getattr(tr, "dx", None)) if hasattr(tr, "x0") else (None, None)
+    y0, dy = (getattr(tr, "y0", None), getattr(tr, "dy", None)) if hasattr(tr, "y0") else (None, None)
+    out = []
+    for r in range(z.shape[0]):
+        for c in range(z.shape[1]):
+            x = xs[c] if c < len(xs) else (x0 or 0) + c * (dx or 1)
+            y = ys[r] if r < len(ys) else (y0 or 0) + r * (dy or 1)
+            out.append((x, y, float(values[r, c])))
+    return out
+
+
+def figure_to_csv(fig: go.Figure) -> str:
+    """The data behind ``fig`` as CSV, one row per point (per cell for heatmaps, contours, surfaces).
+
+    Columns: ``trace`` (its name), ``panel`` (the subplot it is drawn in), ``x``, ``y``, ``z`` (the value
+    of a cell) and ``text`` (a point's hover text, e.g. which block it is). Missing values are empty
+    cells. Images, legend-only entries and traces marked :data:`DECORATION` carry no data and are left out.
+    """
+    buf = io.StringIO()
+    out = csv.writer(buf, lineterminator="\n")
+    out.writerow(CSV_COLUMNS)
+    for k, tr in enumerate(fig.data):
+        if tr.type == "image" or tr.meta == DECORATION:
+            continue
+        name, panel = tr.name or f"trace {k}", _panel(fig, tr)
+        if tr.type in ("heatmap", "contour", "surface"):
+            for x, y, v in _grid_rows(tr):
+                out.writerow((name, panel, _cell(x), _cell(y), _cell(v), ""))
+            continue
+        xs, ys = _values(getattr(tr, "x", None)), _values(getattr(tr, "y", None))
+        texts = _values(getattr(tr, "hovertext", None)) or _values(getattr(tr, "text", None))
+        n = max(len(xs), len(ys))
+        if not any(v is not None for v in ys + xs):
+            continue  # a legend entry
+        for i in range(n):
+            x = xs[i] if i < len(xs) else i
+            y = ys[i] if i < len(ys) else ""
+            text = str(texts[i]).replace("<br>", "; ") if i < len(texts) and isinstance(texts, list) else ""
+            out.writerow((name, panel, _cell(x), _cell(y), "", text))
+    return buf.getvalue()

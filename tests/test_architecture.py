@@ -9,7 +9,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 # Each package may import only packages after it in this order (see docs/architecture.md).
 LAYERS = ["cli", "launch", "experiments", "jobs", "anymodel", "external", "zoo", "train", "analysis", "storage", "nn",
-          "data", "plots", "urlconfig", "config", "runtime", "version"]
+          "data", "plots", "theme", "urlconfig", "config", "runtime", "version"]
 
 
 def _module(path: Path) -> str:

@@ -70,10 +70,49 @@ def test_architecture_figure():
     assert "8 -> 16" in hover[1] and "skip off" in hover[2] and "REMOVED" in hover[2]
     stage_notes = sorted(a.text for a in fig.layout.annotations)
     assert stage_notes == ["stage 1", "stage 2"]
-    assert {t.name for t in fig.data if t.showlegend is not False} == {"skip on", "skip off", "projection shortcut"}
+    assert {t.name for t in fig.data if t.showlegend is not False} == {"skip on", "skip off", "projection shortcut",
+                                                                       "block removed"}
     empty = plots.architecture_figure([])
     renders(empty)
     assert has_no_data_note(empty) and not empty.data
+
+
+def _blocks(stage_sizes: list[int], off: tuple[int, ...] = ()) -> list[dict]:
+    stages = [s for s, k in enumerate(stage_sizes, start=1) for _ in range(k)]
+    return [{"name": f"b{i}", "stage": s, "cin": 16 * s, "cout": 16 * s, "stride": 1, "skip": i not in off,
+             "projection": False, "removed": False} for i, s in enumerate(stages)]
+
+
+def _labels(fig: go.Figure) -> list[tuple[float, str]]:
+    """(x as a fraction of the axis, text) of every block and stage label the figure writes."""
+    lo, hi = fig.layout.xaxis.range
+    out = [((a.x - lo) / (hi - lo), a.text) for a in fig.layout.annotations]
+    for tr in fig.data:
+        if tr.mode and "text" in tr.mode:
+            out += [((x - lo) / (hi - lo), t) for x, t in zip(tr.x, tr.text) if t]
+    return out
+
+
+@pytest.mark.parametrize("stage_sizes", [[1, 1, 1], [5, 5, 5], [9, 9, 9], [3, 4, 6, 3], [18, 18, 18], [3, 8, 36, 3],
+                                         [60, 60, 60]])
+def test_architecture_labels_never_overlap_from_8_to_500_layers(stage_sizes):
+    blocks = _blocks(stage_sizes, off=(1,))
+    fig = plots.architecture_figure(blocks)
+    renders(fig)
+    hover = next(t for t in fig.data if t.name == "blocks").hovertext
+    assert len(hover) == len(blocks) and "skip off" in hover[1]  # every block is still there to hover
+    labels = _labels(fig)
+    for row in (sorted((x, t) for x, t in labels if "stage" in t or t.isdigit() and len(blocks) > 30),
+                sorted((x, t) for x, t in labels if "stage" not in t)):
+        # at 500 px wide a label of up to 12 characters needs 1/12 of the width; two-line stage labels 1/5
+        gaps = [b[0] - a[0] for a, b in zip(row, row[1:])]
+        need = 1 / 5 if len(blocks) > plots.ARCH_MAX_BOXES else 1 / (plots.ARCH_MAX_LABELS + 1)
+        assert all(g >= need * 0.99 for g in gaps), (stage_sizes, row)
+    if len(blocks) > plots.ARCH_MAX_BOXES:  # stages collapsed: one box each, equal widths
+        boxes = [s for s in fig.layout.shapes if s.type == "rect" and s.y0 == 0]
+        assert len(boxes) == len(stage_sizes) and len({round(b.x1 - b.x0, 6) for b in boxes}) == 1
+        cells = [s for s in fig.layout.shapes if s.type == "rect" and s.y0 > 0]
+        assert len(cells) == len(blocks) and cells[1].fillcolor == plots.OFF_COLOR
 
 
 def test_signal_prop_figure():
@@ -91,9 +130,23 @@ def test_signal_prop_figure():
     renders(three)
     assert len(three.data) == 6 and three.layout.yaxis3.type == "log"
     assert [t.name for t in three.data if t.xaxis == "x3"] == ["residual", "plain"]
+    titles = [a for a in three.layout.annotations]  # the panels are stacked: their titles never share a line
+    assert len({round(a.y, 3) for a in titles}) == 3
     for empty in (plots.signal_prop_figure(None, None), plots.signal_prop_figure({}, {"mean_sq": []})):
         renders(empty)
         assert has_no_data_note(empty)
+
+
+def test_a_flat_statistic_gets_a_two_decade_log_axis_not_a_0_99998_one():
+    flat = {"mean_sq": [1.0, 1.0], "var": [0.99998, 0.99999], "branch_var": [0.999981, 0.999985]}
+    fig = plots.signal_prop_figure(flat, {"mean_sq": [0.01, 100.0], "var": [1.0, 1.0]})
+    lo, hi = fig.layout.yaxis3.range
+    assert hi - lo == pytest.approx(2.0) and lo < 0 < hi  # 0.1 .. 10, labelled per decade
+    assert fig.layout.yaxis3.dtick == 1 and fig.layout.yaxis3.exponentformat == "power"
+    lo, hi = fig.layout.yaxis.range
+    assert lo <= -2 and hi >= 2  # the data's own four decades, padded
+    assert plots.log_axis([]) == {"type": "log", "exponentformat": "power", "minor": {"showgrid": False}}
+    assert plots.log_axis([1e-12, 1e12])["dtick"] >= 4  # at most about six labels
 
 
 def test_grad_norm_figure():
@@ -137,7 +190,7 @@ def test_grad_flow_heatmap():
     (hm,) = fig.data
     assert list(hm.z[0][:2]) == [0.0, 1.0] and hm.z[0][2] is None and hm.z[1][1] is None  # log10; 0 -> gap
     assert hm.customdata[1][2] == 100.0
-    assert list(hm.colorbar.ticktext) == ["1e-2", "1e-1", "1e0", "1e1", "1e2"]
+    assert list(hm.colorbar.ticktext) == [f"10<sup>{k}</sup>" for k in range(-2, 3)]
     empty = plots.grad_flow_heatmap([], [], [])
     renders(empty)
     assert has_no_data_note(empty) and not empty.data
@@ -226,3 +279,57 @@ def test_loss_landscape_figure():
     for empty in (plots.loss_landscape_figure([]), plots.loss_landscape_figure(np.full((2, 2), NAN))):
         renders(empty)
         assert has_no_data_note(empty)
+
+
+def test_every_builder_uses_the_one_theme():
+    import plotly.io as pio
+
+    assert pio.templates["resviz"] == plots.TEMPLATE
+    figs = [plots.architecture_figure(BLOCKS), plots.signal_prop_figure({"mean_sq": [1.0], "var": [1.0]}, None),
+            plots.grad_norm_figure([1.0], [2.0]), plots.training_curves_figure({"residual": {"step": [0], "loss": [1.0]}}),
+            plots.ratio_figure([0], [[1.0]]), plots.magnitude_bars([1.0], [2.0]), plots.topk_bars(["a"], [1.0]),
+            plots.lesion_figure(["b0"], {"residual": [0.5]}), plots.loss_landscape_figure([[1.0, 2.0], [3.0, 4.0]]),
+            plots.block_diagram_figure(), plots.deletion_curve_figure([0], {"plain": [0.5]}), plots.merge_strip([]),
+            plots.feature_grid(np.ones((1, 2, 2))), plots.attribution_overlay(np.ones((2, 2, 3)), np.ones((2, 2)))]
+    for fig in figs:
+        assert fig.layout.template.layout.font.family == plots.TEMPLATE.layout.font.family, fig.layout.title.text
+        assert fig.layout.template.layout.legend.x > 1  # legends sit outside the plot area
+    res, plain = plots.grad_norm_figure([1.0], [2.0]).data
+    assert res.line.color == "#0072B2" and plain.line.color == "#D55E00"  # Okabe-Ito blue and vermillion
+
+
+def _rows(text: str) -> list[dict]:
+    import csv
+    import io
+
+    return list(csv.DictReader(io.StringIO(text)))
+
+
+def test_figure_to_csv_has_every_point_of_every_trace():
+    fig = plots.training_curves_figure({"residual": {"step": [0, 1], "loss": [2.0, NAN], "acc": [0.1, 0.2]},
+                                        "plain": {"step": [0, 1], "loss": [2.1, 2.0], "acc": [0.1, 0.1]}})
+    rows = _rows(plots.figure_to_csv(fig))
+    assert list(rows[0]) == list(plots.CSV_COLUMNS)
+    res_loss = [r for r in rows if r["trace"] == "residual train" and r["y"] != "" and float(r["y"]) > 1]
+    assert [(r["x"], r["y"]) for r in res_loss] == [("0", "2")]
+    gap = [r for r in rows if r["trace"] == "residual train" and r["x"] == "1"]
+    assert sorted(r["y"] for r in gap) == ["", "0.2"]  # the NaN loss is an empty cell, the accuracy is there
+    assert len(rows) == 8  # 2 nets x 2 panels x 2 steps (no test points, no legend-only rows)
+
+
+def test_figure_to_csv_writes_the_measured_value_of_a_log_coloured_heatmap():
+    fig = plots.ratio_figure([0, 10], np.array([[0.1, 1.0], [0.2, 30.0]]), block_names=["b0", "b1"])
+    rows = _rows(plots.figure_to_csv(fig))
+    cells = {(r["x"], r["y"]): float(r["z"]) for r in rows}
+    assert cells == {("0", "b0"): 0.1, ("10", "b0"): 0.2, ("0", "b1"): 1.0, ("10", "b1"): 30.0}
+
+
+def test_figure_to_csv_panels_and_what_it_leaves_out():
+    sig = plots.signal_prop_figure({"mean_sq": [1.0, 2.0], "var": [3.0, 4.0]}, None)
+    panels = {r["panel"] for r in _rows(plots.figure_to_csv(sig))}
+    assert panels == {"squared channel mean", "channel variance"}
+    arch = _rows(plots.figure_to_csv(plots.architecture_figure(BLOCKS)))
+    assert len(arch) == len(BLOCKS) and "REMOVED" in arch[2]["text"]  # one row per block, not the drawn path
+    overlay = _rows(plots.figure_to_csv(plots.attribution_overlay(np.ones((4, 4, 3)), np.eye(2))))
+    assert len(overlay) == 4 and {r["trace"] for r in overlay} == {"trace 1"}  # the heatmap, not the image's pixels
+    assert plots.figure_to_csv(go.Figure()) == ",".join(plots.CSV_COLUMNS) + "\n"
