@@ -8,6 +8,7 @@ import numpy as np
 import streamlit as st
 
 from app_pages import design_any, state
+from app_pages.charts import show_chart
 from app_pages.help_text import HELP, ORDER_LABELS, SCALING_LABELS, SHORTCUT_LABELS
 from resviz import BlockConfig, NetConfig, plots
 from resviz.analysis.initstats import describe_blocks, init_comparison, summarize
@@ -61,15 +62,19 @@ def _seed_widgets(cfg: NetConfig) -> None:
 
 
 def _block_widgets() -> BlockConfig:
-    """Widgets for every block option; raises ValueError for an invalid combination."""
-    c1, c2, c3 = st.columns(3)
+    """Widgets for every block option; raises ValueError for an invalid combination.
+
+    The two selects whose options are phrases (order, shortcut) get a row each, so their text fits at
+    1280 px; the short ones sit three to a row, their inputs aligned however their labels wrap.
+    """
+    c1, c2, c3 = st.columns(3, vertical_alignment="bottom")
     kind = c1.selectbox("Block", ("basic", "bottleneck"), key="d_kind", help=HELP["kind"])
-    order = c2.selectbox("Order", list(ORDER_LABELS), format_func=ORDER_LABELS.get, key="d_order", help=HELP["order"])
+    norm = c2.selectbox("Norm", NORMS, key="d_norm", help=HELP["norm"])
     act = c3.selectbox("Activation", ACTIVATIONS, key="d_act", help=HELP["act"])
-    norm = c1.selectbox("Norm", NORMS, key="d_norm", help=HELP["norm"])
-    groups = c2.number_input("GroupNorm groups", 1, 64, key="d_groups", help=HELP["groups"], disabled=norm != "group")
-    shortcut = c3.selectbox("Shortcut", list(SHORTCUT_LABELS), format_func=SHORTCUT_LABELS.get, key="d_shortcut",
+    order = st.selectbox("Order", list(ORDER_LABELS), format_func=ORDER_LABELS.get, key="d_order", help=HELP["order"])
+    shortcut = st.selectbox("Shortcut", list(SHORTCUT_LABELS), format_func=SHORTCUT_LABELS.get, key="d_shortcut",
                             help=HELP["shortcut"])
+    c1, c2, c3 = st.columns(3, vertical_alignment="bottom")
     scaling = c1.selectbox("Residual scaling", list(SCALING_LABELS), format_func=SCALING_LABELS.get, key="d_scaling",
                            help=HELP["scaling"])
     if scaling == "learnable":
@@ -78,7 +83,8 @@ def _block_widgets() -> BlockConfig:
     else:
         alpha = c2.number_input("alpha", 0.0, 2.0, step=0.05, key="d_alpha", help=HELP["alpha"], disabled=scaling == "none")
         alpha_init = st.session_state["d_alpha_init"]
-    sd = c3.slider("Stochastic depth", 0.0, 0.9, step=0.05, key="d_sd", help=HELP["stochastic_depth"])
+    groups = c3.number_input("GroupNorm groups", 1, 64, key="d_groups", help=HELP["groups"], disabled=norm != "group")
+    sd = st.slider("Stochastic depth", 0.0, 0.9, step=0.05, key="d_sd", help=HELP["stochastic_depth"])
     zero = st.checkbox("Zero-init the last norm of each branch", key="d_zero_init", help=HELP["zero_init_last"])
     return BlockConfig(kind=kind, order=order, norm=norm, groups=int(groups), act=act, shortcut=shortcut, scaling=scaling,
                        alpha=float(alpha), alpha_init=float(alpha_init), zero_init_last=zero, stochastic_depth=float(sd))
@@ -117,12 +123,14 @@ def _stage_of(cfg: NetConfig) -> list[int]:
 
 # -- outputs ------------------------------------------------------------------------------------
 def _show_summary(cfg: NetConfig) -> None:
+    """Four numbers, two to a row: at 1280 px a row of four cuts them off."""
     s = _summary(cfg.to_json())
-    c1, c2, c3, c4 = st.columns(4)
+    c1, c2 = st.columns(2)
     c1.metric("Parameters", f"{s['params']:,}")
-    c2.metric("Multiply-accumulates / image", _si(s["macs"]))
-    c3.metric("Residual blocks", s["blocks"])
-    c4.metric("Skips on", f"{sum(cfg.skip_flags)} / {cfg.num_blocks}")
+    c2.metric("MACs / image", _si(s["macs"]), help=f"Multiply-accumulates for one {cfg.in_channels}x{cfg.input_size}x"
+              f"{cfg.input_size} image (a forward pass).")
+    c1.metric("Residual blocks", s["blocks"])
+    c2.metric("Skips on", f"{sum(cfg.skip_flags)} / {cfg.num_blocks}")
 
 
 def _si(n: float) -> str:
@@ -136,20 +144,24 @@ def _show_equation(block: BlockConfig) -> None:
     eq = block_equation(block)
     st.latex(eq.block)
     st.latex(eq.branch)
-    st.latex(eq.shortcut)
+    for case in eq.shortcut.split(r",\quad"):  # one line per case: side by side they run out of a column
+        st.latex(case)
     st.caption(f"With the skip connection off the block is plain: ${eq.plain}$. {eq.legend}.")
 
 
-def _show_init(cfg: NetConfig) -> None:
-    st.subheader("At initialisation")
-    st.caption("One random batch through this net and its plain twin (same weights, skips off), before any training. "
-               "Deep plain nets' gradients grow or shrink geometrically with depth; the skips keep them in range.")
-    stats = _init_stats(cfg.to_json())
-    c1, c2 = st.columns(2)
+def _show_gradients(stats: dict) -> None:
+    """The key result, beside the settings: how the gradient reaches each block, residual vs plain."""
     res, plain = stats["residual"], stats["plain"]
-    c1.plotly_chart(plots.signal_prop_figure(res, plain), key="d_signal_fig")
-    c2.plotly_chart(plots.grad_norm_figure(res["grad_block"], plain["grad_block"]), key="d_grad_fig")
-    c2.caption(f"Plain net: {_spread(plain['grad_block'])}. Residual net: {_spread(res['grad_block'])}.")
+    show_chart(plots.grad_norm_figure(res["grad_block"], plain["grad_block"]), "d_grad_fig")
+    st.caption(f"At initialisation, one random batch. Plain twin: {_spread(plain['grad_block'])}. "
+               f"Residual net: {_spread(res['grad_block'])}.")
+
+
+def _show_init(cfg: NetConfig, stats: dict) -> None:
+    st.subheader("Signal at initialisation")
+    st.caption("One random batch through this net and its plain twin (same weights, skips off), before any training. "
+               "Deep plain nets' signal and gradients grow or shrink geometrically with depth; the skips keep them in range.")
+    show_chart(plots.signal_prop_figure(stats["residual"], stats["plain"]), "d_signal_fig")
 
 
 def _spread(values: np.ndarray) -> str:
@@ -184,6 +196,12 @@ def render() -> None:
         state.set_net_config(cfg)
     with right:
         _show_summary(cfg)
+        stats = _init_stats(cfg.to_json())
+        _show_gradients(stats)
+    st.subheader("The block and the net")
+    eq, arch = st.columns([5, 6], gap="large")
+    with eq:
         _show_equation(cfg.block)
-        st.plotly_chart(plots.architecture_figure(_blocks(cfg.to_json())), key="d_arch_fig")
-    _show_init(cfg)
+    with arch:
+        show_chart(plots.architecture_figure(_blocks(cfg.to_json())), "d_arch_fig")
+    _show_init(cfg, stats)

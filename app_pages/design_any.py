@@ -10,6 +10,7 @@ import streamlit as st
 from torch import nn
 
 from app_pages import anymodels
+from app_pages.charts import show_chart
 from resviz import anymodel, plots
 from resviz.anymodel import Prepared
 from resviz.nn.discovery import Residualized
@@ -36,7 +37,7 @@ def _summary(p: Prepared, macs: int) -> None:
     c = p.residual_map.counts()
     c1, c2, c3, c4 = st.columns(4)
     c1.metric("Parameters", f"{p.external.num_params:,}")
-    c2.metric("Multiply-accumulates / image", _si(macs), help="Convolutions, matrix products and attention, "
+    c2.metric("MACs / image", _si(macs), help="Multiply-accumulates: convolutions, matrix products and attention, "
               f"for one {p.info.channels}x{p.info.input_size}x{p.info.input_size} input (PyTorch's FLOP counter / 2).")
     c3.metric("Skip connections", len(p.residual_map))
     c4.metric("Identity / projection", f"{c['identity']} / {c['projection']}")
@@ -70,12 +71,11 @@ def _init_section(key: str, p: Prepared, macs: int) -> None:
     shape = (p.info.channels, p.info.input_size, p.info.input_size)
     stats = _init(key, shape, len(p.info.classes), macs, p.net)
     res, plain = stats["residual"], stats["plain"]
-    c1, c2 = st.columns(2)
-    c1.plotly_chart(plots.signal_prop_figure(res, plain), key="d_any_signal")
-    c2.plotly_chart(plots.grad_norm_figure(res["grad_block"], plain["grad_block"]), key="d_any_grad")
-    c2.caption(f"Twin with skips off: {_spread_text(plain['grad_block'])}. With skips: {_spread_text(res['grad_block'])}. "
+    show_chart(plots.grad_norm_figure(res["grad_block"], plain["grad_block"]), "d_any_grad")
+    st.caption(f"Twin with skips off: {_spread_text(plain['grad_block'])}. With skips: {_spread_text(res['grad_block'])}. "
                f"Batch of {stats['meta']['batch_size']} at {stats['meta']['input_size']}x{stats['meta']['input_size']}"
                + (" (a smaller input, to keep the page quick)." if stats["meta"]["input_size"] != p.info.input_size else "."))
+    show_chart(plots.signal_prop_figure(res, plain), "d_any_signal")
 
 
 def render() -> None:
@@ -92,7 +92,7 @@ def render() -> None:
     key, p = picked
     macs = _macs(key, (p.info.channels, p.info.input_size, p.info.input_size), p.external.model)
     _summary(p, macs)
-    st.plotly_chart(plots.merge_strip(anymodel.merge_rows(p.residual_map)), key="d_any_strip")
+    show_chart(plots.merge_strip(anymodel.merge_rows(p.residual_map)), "d_any_strip")
     if not len(p.residual_map):
         return
     _merge_table(p)

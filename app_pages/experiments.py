@@ -15,6 +15,7 @@ from typing import Any
 import streamlit as st
 
 from app_pages import jobs
+from app_pages.charts import show_chart
 from resviz.experiments import BUDGETS, STUDIES
 from resviz.experiments.runner import StudyJob, study_figures
 from resviz.jobs import JobLimitError
@@ -66,7 +67,7 @@ def show_result(result: dict[str, Any], key: str) -> None:
     paper.markdown("**The paper**")
     paper.dataframe(_flat(result.get("paper_rows", [])), hide_index=True, key=f"{key}_paper")
     for name, fig in study_figures(result).items():
-        st.plotly_chart(fig, key=f"{key}_{name}")
+        show_chart(fig, f"{key}_{name}")
     st.download_button("Download result.json", json.dumps(result, indent=2, sort_keys=True), file_name=f"{result['study']}.json",
                        mime="application/json", key=f"{key}_download")
 

@@ -10,11 +10,11 @@ ORDER_LABELS = {
     "pre": "(e) full pre-activation",
 }
 SHORTCUT_LABELS = {
-    "A": "A: zero-pad new channels (no parameters)",
+    "A": "A: zero-pad the new channels",
     "B": "B: project only when the shape changes",
     "C": "C: always project",
 }
-SCALING_LABELS = {"none": "none", "fixed": "fixed alpha", "learnable": "learnable alpha (ReZero/SkipInit)"}
+SCALING_LABELS = {"none": "none", "fixed": "fixed", "learnable": "learnable"}
 
 HELP = {
     "style": "CIFAR nets have 3 stages and a 3x3 stem (6n+2 layers); ImageNet nets have 4 stages and a strided 7x7 stem.",
@@ -24,9 +24,10 @@ HELP = {
     "norm": "Normalisation inside each block: batch statistics, per-sample channel groups, or none.",
     "groups": "Channel groups of GroupNorm (reduced to a divisor of the channel count when needed).",
     "act": "The non-linearity used everywhere in the net.",
-    "shortcut": "What S(x) does when a block changes width or resolution (He et al. 2016, options A/B/C).",
+    "shortcut": "What S(x) does when a block changes width or resolution (He et al. 2016): A pads the new channels "
+                "with zeros (no parameters); B projects with a 1x1 conv only where the shape changes; C always projects.",
     "scaling": "Multiply the residual branch F(x) by alpha; "
-               "a learnable alpha starting at 0 makes every block start as the identity.",
+               "a learnable alpha starting at 0 makes every block start as the identity (ReZero, SkipInit).",
     "alpha": "Fixed multiplier of F(x); small values keep deep nets close to the identity at initialisation.",
     "alpha_init": "Starting value of the learnable alpha (0 is ReZero/SkipInit).",
     "zero_init_last": "Zero the last norm's scale in F, so each block starts as y = S(x) (Goyal et al. 2017).",

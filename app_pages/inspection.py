@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from app_pages import pickers, state
+from app_pages.charts import show_chart
 from resviz import ResNet, anymodel, plots, zoo
 from resviz.analysis.inspection import (
     CHANNEL_ORDERS,
@@ -119,18 +120,18 @@ def view_widgets(net: nn.Module) -> tuple[int, int, str, int]:
 def show_predictions(info: ModelInfo, intact: Inspection, shown: Inspection, lesioned: bool) -> None:
     """Top-k of the (possibly lesioned) net, beside the intact net's when a lesion is on."""
     if not lesioned:
-        st.plotly_chart(plots.topk_bars(info.classes, shown.probs, k=TOP_K), key="i_topk")
+        show_chart(plots.topk_bars(info.classes, shown.probs, k=TOP_K), "i_topk")
         st.dataframe({"class": [p.label for p in shown.top], "probability": [round(p.prob, 4) for p in shown.top]},
                      hide_index=True, key="i_topk_table")
         return
     c = compare(intact.probs, shown.probs, info.classes, k=TOP_K)
-    st.plotly_chart(plots.topk_bars(info.classes, shown.probs, intact.probs, k=TOP_K, names=("modified", "intact")),
-                    key="i_topk")
+    show_chart(plots.topk_bars(info.classes, shown.probs, intact.probs, k=TOP_K, names=("modified", "intact")), "i_topk")
     m1, m2, m3 = st.columns(3)
     m1.metric("Top-1", shown.top[0].label, "same as intact" if c.top1_agree else f"intact: {intact.top[0].label}",
               delta_color="off" if c.top1_agree else "inverse")
     m2.metric(f"p({intact.top[0].label})", f"{shown.probs[intact.top[0].index]:.1%}", f"{c.delta_conf:+.1%}")
-    m3.metric("KL(intact || modified)", f"{c.kl:.3f} nats", f"top-{TOP_K} overlap {c.topk_overlap:.0%}", delta_color="off")
+    m3.metric("KL divergence, nats", f"{c.kl:.3f}", f"top-{TOP_K} overlap {c.topk_overlap:.0%}", delta_color="off",
+              help="KL(intact || modified): how far the modified net's class probabilities moved from the intact net's.")
     st.dataframe({"class": [r[1] for r in c.rows], "probability": [round(r[3], 4) for r in c.rows],
                   "intact": [round(r[2], 4) for r in c.rows]}, hide_index=True, key="i_topk_table")
 
@@ -142,7 +143,7 @@ def _grid(maps: np.ndarray | None, channels: tuple[int, ...], title: str, missin
     fig = plots.feature_grid(maps, title=title, max_maps=len(channels))
     for ann, ch in zip(fig.layout.annotations, channels):  # subplot titles: the real channel numbers
         ann.text = f"ch {ch}"
-    st.plotly_chart(fig, key=key)
+    show_chart(fig, key)
 
 
 def show_maps(shown: Inspection) -> None:
@@ -162,7 +163,7 @@ def show_maps(shown: Inspection) -> None:
 
 def show_magnitudes(ctx: dict[str, Any], shown: Inspection) -> None:
     labels = [f"{i}" for i in range(len(shown.f_norm))]
-    st.plotly_chart(plots.magnitude_bars(shown.f_norm, shown.s_norm, labels=labels), key="i_mags")
+    show_chart(plots.magnitude_bars(shown.f_norm, shown.s_norm, labels=labels), "i_mags")
     ratio, intact = _median_ratio(shown), ctx.get("intact")
     if np.isfinite(ratio):
         st.caption(f"Median ||F(x)|| / ||S(x)||: {ratio:.2f}. Below 1, a block makes a small correction "
@@ -221,7 +222,7 @@ def show_attribution(ctx: dict[str, Any], shown: Inspection) -> None:
 
 def _show_heatmap(h: Heatmap, picture: np.ndarray, info: ModelInfo) -> None:
     title = f"{METHODS[h.method]} for {info.classes[h.target]}"
-    st.plotly_chart(plots.attribution_overlay(picture, h.heatmap, title=title), key="i_attr")
+    show_chart(plots.attribution_overlay(picture, h.heatmap, title=title), "i_attr")
     if h.delta is not None:
         st.caption(f"Integrated Gradients completeness error: {h.delta:.2e} (near 0 means the path integral converged).")
 
@@ -241,7 +242,7 @@ def show_removal_sweep(ctx: dict[str, Any], shown: Inspection) -> None:
     labels = [str(i) for i in range(n)]
     fig = plots.lesion_figure(labels, {f"p({top.label})": store[args]}, intact={"current net": top.prob})
     fig.update_layout(title=f"p({top.label}) with one more block removed", yaxis_title="probability")
-    st.plotly_chart(fig, key="i_sweep")
+    show_chart(fig, "i_sweep")
 
 
 # -- page -----------------------------------------------------------------------------------------
@@ -273,7 +274,7 @@ def render_without_merges(ctx: dict[str, Any], caption: str, right: Any) -> None
 def _show_strip(net: nn.Module, lesion: Lesion) -> None:
     """The discovered merges with the current switches, for a model that is not a ResViz net."""
     rows = anymodel.merge_rows(net.residual_map, lesion.skips, lesion.removed)
-    st.plotly_chart(plots.merge_strip(rows), key="i_strip")
+    show_chart(plots.merge_strip(rows), "i_strip")
 
 
 def render() -> None:

@@ -15,6 +15,7 @@ import streamlit as st
 import torch
 
 from app_pages import state
+from app_pages.charts import show_chart
 from resviz import plots, zoo
 from resviz.analysis.inspection import Lesion, inspect_image
 from resviz.experiments.runner import study_figures
@@ -77,7 +78,7 @@ def _step_block() -> None:
     lesion = Lesion(skips=(True,) * n_blocks if skip else tuple(i != 3 for i in range(n_blocks)))
     result = inspect_image(net, torch.from_numpy(x[0]), classes=info.classes, lesion=lesion, block=None)
     norms = {"F": float(result.f_norm[3]), "S": float(result.s_norm[3]) if skip else float("nan")}
-    st.plotly_chart(plots.block_diagram_figure(skip, norms=norms), key="tour_block")
+    show_chart(plots.block_diagram_figure(skip, norms=norms), "tour_block", csv=False)  # a drawing
     label, prob = result.top[0].label, result.top[0].prob
     st.caption(f"Measured on block 4 of the shipped ResNet-32 for one test image: the net says **{label}** "
                f"({prob:.0%}) with this shortcut {'on' if skip else 'off'}.")
@@ -92,7 +93,7 @@ def _step_degradation() -> None:
         return
     result, figs = found
     which = st.segmented_control("Show", ["training curves", "error by depth"], default="training curves", key="tour_deg")
-    st.plotly_chart(figs["training_curves" if which != "error by depth" else "error_by_depth"], key="tour_deg_fig")
+    show_chart(figs["training_curves" if which != "error by depth" else "error_by_depth"], "tour_deg_fig")
     st.caption(f"Stored result of `python -m resviz study degradation` ({result['config'].get('budget')} budget, "
                f"seed {result['config'].get('seed')}).")
 
@@ -104,7 +105,7 @@ def _step_gradients() -> None:
                 "factor from end to end. Pick a depth and compare the two lines at the input end.")
     depth = st.select_slider("Depth", [8, 20, 32, 56, 110], value=56, key="tour_depth")
     grads = _init_grads(int(depth))
-    st.plotly_chart(plots.grad_norm_figure(grads["residual"], grads["plain"]), key="tour_grad_fig")
+    show_chart(plots.grad_norm_figure(grads["residual"], grads["plain"]), "tour_grad_fig")
     st.caption("Measured now on freshly initialised nets (width 8, 16x16 random inputs, same weights for both).")
 
 
@@ -114,8 +115,8 @@ def _step_ensembles() -> None:
                 "while its plain twin drops to chance (12.5%) at the first deletion.")
     k = st.slider("Blocks deleted at random", 1, 6, 3, key="tour_k")
     ks, acc = _deletions(6)
-    st.plotly_chart(plots.deletion_curve_figure(ks[: k + 1], {n: a[: k + 1] for n, a in acc.items()}, chance=1 / 8),
-                    key="tour_del_fig")
+    show_chart(plots.deletion_curve_figure(ks[: k + 1], {n: a[: k + 1] for n, a in acc.items()}, chance=1 / 8),
+               "tour_del_fig")
     st.caption(f"Shipped ResNet-32 and plain-32 on {LESION_IMAGES} `shapes` test images; the same random blocks "
                "for both nets, mean of 3 draws per k.")
 
@@ -128,7 +129,7 @@ def _step_landscape() -> None:
         return
     _result, figs = found
     net = st.segmented_control("Net", ["residual", "plain"], default="residual", key="tour_land")
-    st.plotly_chart(figs[f"surface_{net or 'residual'}"], key="tour_land_fig")
+    show_chart(figs[f"surface_{net or 'residual'}"], "tour_land_fig")
     st.caption("Stored result of the landscape study on the shipped ResNet-32 and its plain twin.")
 
 

@@ -16,6 +16,7 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from app_pages import jobs, state
+from app_pages.charts import show_chart
 from app_pages.help_text import HELP
 from resviz import TrainConfig, anymodel, plots
 from resviz.data.datasets import DATASETS, DatasetBundle, DatasetUnavailable, available_datasets
@@ -240,10 +241,10 @@ def _probe_charts(snap: JobSnapshot) -> None:
             continue
         fig = _figure(f"flow_{name}", probe_version(snap, name, "grad_block"),
                       lambda n=name: flow_figure(snap, n))
-        col.plotly_chart(fig, key=f"t_flow_{name}")
+        show_chart(fig, f"t_flow_{name}", where=col)
     if snap.history.probe("residual", "ratio") is not None:
         fig = _figure("ratio", probe_version(snap, "residual", "ratio"), lambda: ratio_figure(snap))
-        st.plotly_chart(fig, key="t_ratio")
+        show_chart(fig, "t_ratio")
 
 
 def _live_view(job_id: str, was_active: bool) -> None:
@@ -264,7 +265,7 @@ def _live_view(job_id: str, was_active: bool) -> None:
         with st.container():
             smoothing = float(st.session_state.get("t_smooth", SMOOTHING))
             fig = _figure("curves", (snap.id, snap.step, smoothing), lambda: curves_figure(snap, smoothing=smoothing))
-            st.plotly_chart(fig, key="t_curves")
+            show_chart(fig, "t_curves")
         with st.container():
             _probe_charts(snap)
     if was_active and not job.active:
@@ -296,7 +297,7 @@ def _compare(job_list: list[TrainingJob]) -> None:
             number, job = next((i, j) for i, j in ended if j.id == jid)
             names = {"residual": f"#{number} with skips", "plain": f"#{number} without skips"}
             history.update(jobs.curves(job.snapshot(), names))
-        st.plotly_chart(plots.training_curves_figure(history), key="t_compare_fig")
+        show_chart(plots.training_curves_figure(history), "t_compare_fig")
 
 
 def _exports(job: TrainingJob) -> None:

@@ -139,9 +139,10 @@ def test_design_any_architecture_mode() -> None:
     at.selectbox(key="d_any_tv").set_value("resnet18")
     _run(at)
     assert metric(at, "Skip connections") == "8" and metric(at, "Identity / projection") == "5 / 3"
-    assert metric(at, "Parameters") == "11,689,512" and metric(at, "Multiply-accumulates / image").endswith("G")
+    assert metric(at, "Parameters") == "11,689,512" and metric(at, "MACs / image").endswith("G")
     titles = [json.loads(c.proto.spec)["layout"]["title"]["text"] for c in at.get("plotly_chart")]
-    assert titles == ["Skip connections found, in execution order", "Signal propagation", "Gradient norm by depth"]
+    assert titles == ["Skip connections found, in execution order", "Gradient norm by depth, residual vs plain",
+                      "Signal propagation through depth"]
     assert any("Twin with skips off" in c.value for c in at.caption)
     at.selectbox(key="d_any_tv").set_value("alexnet")
     _run(at)

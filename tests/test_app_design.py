@@ -18,7 +18,10 @@ def _importable(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_design_page_shows_everything() -> None:
     at = ok(app(page="design"))
     assert len(at.get("plotly_chart")) == 3  # architecture, signal propagation, gradient norms
-    assert len(at.latex) == 3 and r"\mathrm{ReLU}" in at.latex[0].value
+    # the block, its branch, and the shortcut one case a line (side by side they ran out of the column)
+    assert len(at.latex) == 4 and r"\mathrm{ReLU}" in at.latex[0].value
+    assert at.latex[2].value.strip("$\n").startswith("S(x) = x") and "shape changes" in at.latex[3].value
+    assert not any(r"\quad" in eq.value for eq in at.latex)
     from app_pages.state import DEFAULT_NET
 
     assert metric(at, "Parameters") == f"{summarize(DEFAULT_NET).params:,}"
