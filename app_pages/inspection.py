@@ -140,9 +140,7 @@ def _grid(maps: np.ndarray | None, channels: tuple[int, ...], title: str, missin
     if maps is None:
         st.info(missing)
         return
-    fig = plots.feature_grid(maps, title=title, max_maps=len(channels))
-    for ann, ch in zip(fig.layout.annotations, channels):  # subplot titles: the real channel numbers
-        ann.text = f"ch {ch}"
+    fig = plots.feature_grid(maps, title=title, max_maps=len(channels), channels=channels)
     show_chart(fig, key)
 
 

@@ -121,16 +121,26 @@ def _step_ensembles() -> None:
                "for both nets, mean of 3 draws per k.")
 
 
+LANDSCAPE_VIEWS = ("both, from above", "3-D: residual", "3-D: plain")
+
+
 def _step_landscape() -> None:
     st.markdown("Li et al. (2018): around the trained weights, the loss of a residual net is a smooth bowl; "
-                "the plain net's is rough and chaotic, which is what makes it hard to train.")
+                "the plain net's is rough and chaotic, which is what makes it hard to train. Both maps share "
+                "one colour scale.")
     found = _stored_or_note("landscape-shipped")
     if found is None:
         return
-    _result, figs = found
-    net = st.segmented_control("Net", ["residual", "plain"], default="residual", key="tour_land")
-    show_chart(figs[f"surface_{net or 'residual'}"], "tour_land_fig")
-    st.caption("Stored result of the landscape study on the shipped ResNet-32 and its plain twin.")
+    result, figs = found
+    view = st.segmented_control("View", LANDSCAPE_VIEWS, default=LANDSCAPE_VIEWS[0], key="tour_land") or LANDSCAPE_VIEWS[0]
+    if view == LANDSCAPE_VIEWS[0]:
+        surfaces = {n: result["surface"][n] for n in ("residual", "plain") if n in result["surface"]}
+        fig = plots.loss_contours_figure(surfaces, alphas=result["alphas"], betas=result["alphas"])
+    else:
+        fig = figs[f"surface_{view.removeprefix('3-D: ')}"]
+    show_chart(fig, "tour_land_fig")
+    st.caption("Stored result of the landscape study on the shipped ResNet-32 and its plain twin: the training loss "
+               "on a plane through the trained weights along two random, filter-normalised directions.")
 
 
 def _step_your_turn() -> None:

@@ -213,11 +213,19 @@ def test_ratio_figure():
 def test_feature_grid():
     maps = np.random.default_rng(0).normal(size=(20, 4, 4))
     maps[0, 0, 0] = NAN
-    fig = plots.feature_grid(maps, "block 1", max_maps=6)
+    fig = plots.feature_grid(maps, "block 1", max_maps=6, channels=[3, 5, 7, 9, 11, 13])
     renders(fig)
-    assert len(fig.data) == 6 and fig.layout.title.text == "block 1"
-    assert fig.data[0].z[0][0] is None and fig.data[1].z[2][3] == pytest.approx(maps[1, 2, 3])
-    assert len(plots.feature_grid(maps[:3]).data) == 3
+    (hm,) = fig.data  # one mosaic: 3 x 2 tiles of 4 x 4 with a one-pixel gap
+    assert fig.layout.title.text == "block 1" and np.asarray(hm.z, dtype=float).shape == (9, 14)
+    assert [a.text for a in fig.layout.annotations] == [f"ch {c}" for c in (3, 5, 7, 9, 11, 13)]
+    assert hm.z[0][0] is None and hm.z[0][4] is None  # the NaN and the gap between tiles
+    tile = np.asarray(hm.z, dtype=float)[0:4, 5:9]  # channel 5: its own grey scale, 0 to 1
+    assert np.nanmin(tile) == 0.0 and np.nanmax(tile) == 1.0
+    assert hm.customdata[2][6] == [pytest.approx(maps[1, 2, 1]), 5, 1, 2]  # value, channel, pixel x, pixel y
+    rows = _rows(plots.figure_to_csv(fig))
+    assert len(rows) == 6 * 16 - 1  # every pixel with a value, none of the gaps
+    assert [float(r["z"]) for r in rows if r["text"] == "5 1 2"] == [pytest.approx(maps[1, 2, 1])]  # channel, x, y
+    assert len(plots.feature_grid(maps[:3]).layout.annotations) == 3
     for empty in (plots.feature_grid(np.zeros((0, 4, 4))), plots.feature_grid([])):
         renders(empty)
         assert has_no_data_note(empty)
@@ -333,3 +341,14 @@ def test_figure_to_csv_panels_and_what_it_leaves_out():
     overlay = _rows(plots.figure_to_csv(plots.attribution_overlay(np.ones((4, 4, 3)), np.eye(2))))
     assert len(overlay) == 4 and {r["trace"] for r in overlay} == {"trace 1"}  # the heatmap, not the image's pixels
     assert plots.figure_to_csv(go.Figure()) == ",".join(plots.CSV_COLUMNS) + "\n"
+
+
+def test_loss_contours_share_one_colour_scale():
+    res, plain = np.array([[1.0, 2.0], [3.0, 4.0]]), np.array([[10.0, NAN], [100.0, 1000.0]])
+    fig = plots.loss_contours_figure({"residual": res, "plain": plain}, alphas=[-1, 1], betas=[-1, 1])
+    renders(fig)
+    assert [t.type for t in fig.data] == ["contour", "contour"] and {t.coloraxis for t in fig.data} == {"coloraxis"}
+    assert fig.layout.coloraxis.cmin == 0.0 and fig.layout.coloraxis.cmax == 3.0  # log10 over both nets
+    assert [a.text for a in fig.layout.annotations] == ["residual", "plain"]
+    assert fig.layout.annotations[1].font.color == PLAIN_COLOR
+    assert has_no_data_note(plots.loss_contours_figure({"residual": []}))

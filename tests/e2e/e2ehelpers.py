@@ -246,3 +246,35 @@ def slots(page) -> tuple[int, int] | None:
     """(training worker threads, cap) from the sidebar's server-load line, or None when it is not shown."""
     m = re.search(r"Training on this server: (\d+) of (\d+) runs", sidebar_text(page))
     return (int(m.group(1)), int(m.group(2))) if m else None
+
+
+def choose(page, combobox: str, option: str) -> None:
+    """Pick ``option`` in the selectbox or multiselect labelled ``combobox`` and wait until the pick holds.
+
+    The list is opened from the keyboard (a click may scroll the page first, and the list closes on
+    scroll); if a rerun swallowed the key press, typing the option's text opens the filtered list.
+    """
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    box = page.get_by_role("combobox", name=combobox, exact=True)
+    box.scroll_into_view_if_needed()
+    item = page.get_by_role("option", name=option, exact=True)
+    for attempt in range(4):
+        box.focus()
+        if attempt % 2:
+            box.fill(option)
+        else:
+            page.keyboard.press("ArrowDown")
+        try:
+            item.click(timeout=5000)
+            break
+        except PlaywrightTimeout:
+            page.keyboard.press("Escape")
+            wait_idle(page)
+    else:
+        raise AssertionError(f"{option!r} never appeared in {combobox!r}")
+    if box.get_attribute("aria-expanded") == "true":  # a multiselect's list stays open after a pick
+        page.keyboard.press("Escape")
+    box.blur()
+    tags = page.locator('[data-testid="stMultiSelectTagsContainer"]').filter(has=box)
+    poll(lambda: option in (tags.inner_text() if tags.count() else box.input_value()), 30, what=f"{combobox} = {option}")

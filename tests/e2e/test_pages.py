@@ -14,6 +14,7 @@ from e2ehelpers import (
     TINY,
     TINY_RUN,
     assert_no_exception,
+    choose,
     error_texts,
     location,
     open_page,
@@ -26,7 +27,6 @@ from e2ehelpers import (
 from PIL import Image
 
 pytestmark = pytest.mark.browser
-PlaywrightTimeout = pytest.importorskip("playwright.sync_api").TimeoutError
 
 # Widget values of the main area: aria-label -> what the widget shows (text, slider value, checked state, tags).
 WIDGETS_JS = """() => {
@@ -67,36 +67,6 @@ def _topk(page) -> dict[str, list] | None:
     if chart is None:
         return None
     return {t["name"]: list(zip(t["y"], t["x"], strict=True)) for t in chart["traces"]}
-
-
-def _choose(page, combobox: str, option: str) -> None:
-    """Pick ``option`` in the selectbox or multiselect labelled ``combobox`` and wait until the pick holds.
-
-    The list is opened from the keyboard (a click may scroll the page first, and the list closes on
-    scroll); if a rerun swallowed the key press, typing the option's text opens the filtered list.
-    """
-    box = page.get_by_role("combobox", name=combobox, exact=True)
-    box.scroll_into_view_if_needed()
-    item = page.get_by_role("option", name=option, exact=True)
-    for attempt in range(4):
-        box.focus()
-        if attempt % 2:
-            box.fill(option)
-        else:
-            page.keyboard.press("ArrowDown")
-        try:
-            item.click(timeout=5000)
-            break
-        except PlaywrightTimeout:
-            page.keyboard.press("Escape")
-            wait_idle(page)
-    else:
-        raise AssertionError(f"{option!r} never appeared in {combobox!r}")
-    if box.get_attribute("aria-expanded") == "true":  # a multiselect's list stays open after a pick
-        page.keyboard.press("Escape")
-    box.blur()
-    tags = page.locator('[data-testid="stMultiSelectTagsContainer"]').filter(has=box)
-    poll(lambda: option in (tags.inner_text() if tags.count() else box.input_value()), 30, what=f"{combobox} = {option}")
 
 
 @pytest.mark.parametrize(
@@ -152,7 +122,7 @@ def test_inspect_upload_shows_maps_and_a_skip_lesion_changes_predictions(server,
     assert len(before) == 1, before  # no lesion: one set of bars
     screenshot(page, "inspect-upload")
 
-    _choose(page, "Skip connection off (plain block)", "block 0 (stage 1, 4 ch)")
+    choose(page, "Skip connection off (plain block)", "block 0 (stage 1, 4 ch)")
     after = poll(lambda: (t := _topk(page)) and len(t) == 2 and t, 90, what="the modified vs intact bars")
     wait_idle(page)
     after = _topk(page)
@@ -169,9 +139,9 @@ def test_inspect_upload_shows_maps_and_a_skip_lesion_changes_predictions(server,
 def test_link_of_a_configured_design_reproduces_it_in_a_new_context(server, new_context) -> None:
     a = new_context().new_page()
     open_page(a, page_url(server.url, "", {"d": "56", "w": "4"}), PLOT)
-    _choose(a, "Block", "bottleneck")
+    choose(a, "Block", "bottleneck")
     wait_idle(a)
-    _choose(a, "Order", "(e) full pre-activation")
+    choose(a, "Order", "(e) full pre-activation")
     poll(lambda: {"k=bottleneck", "o=pre"} <= set(location(a).split("?")[1].split("&")), 60, what="the URL to follow the widgets")
     wait_idle(a)
     link, want = location(a), a.evaluate(WIDGETS_JS)
