@@ -126,7 +126,8 @@ def show_predictions(info: ModelInfo, intact: Inspection, shown: Inspection, les
         return
     c = compare(intact.probs, shown.probs, info.classes, k=TOP_K)
     show_chart(plots.topk_bars(info.classes, shown.probs, intact.probs, k=TOP_K, names=("modified", "intact")), "i_topk")
-    m1, m2, m3 = st.columns(3)
+    m1, m2 = st.columns(2)  # two to a row: in half the page, three cut their labels and values off
+    m3, _ = st.columns(2)
     m1.metric("Top-1", shown.top[0].label, "same as intact" if c.top1_agree else f"intact: {intact.top[0].label}",
               delta_color="off" if c.top1_agree else "inverse")
     m2.metric(f"p({intact.top[0].label})", f"{shown.probs[intact.top[0].index]:.1%}", f"{c.delta_conf:+.1%}")
