@@ -127,7 +127,7 @@ LANDSCAPE_VIEWS = ("both, from above", "3-D: residual", "3-D: plain")
 def _step_landscape() -> None:
     st.markdown("Li et al. (2018): around the trained weights, the loss of a residual net is a smooth bowl; "
                 "the plain net's is rough and chaotic, which is what makes it hard to train. Both maps share "
-                "one colour scale.")
+                "one colour scale: compare the shapes of the basins and how low they go.")
     found = _stored_or_note("landscape-shipped")
     if found is None:
         return
@@ -139,8 +139,14 @@ def _step_landscape() -> None:
     else:
         fig = figs[f"surface_{view.removeprefix('3-D: ')}"]
     show_chart(fig, "tour_land_fig")
+    rows = {r["net"]: r for r in result.get("rows", [])}
+    measured = ""
+    if {"residual", "plain"} <= rows.keys():
+        res, plain = rows["residual"], rows["plain"]
+        measured = (f" At the trained weights the loss is {res['center_loss']:.3g} (residual) and {plain['center_loss']:.3g} "
+                    f"(plain); non-convexity {res['nonconvexity']:.2f} vs {plain['nonconvexity']:.2f}.")
     st.caption("Stored result of the landscape study on the shipped ResNet-32 and its plain twin: the training loss "
-               "on a plane through the trained weights along two random, filter-normalised directions.")
+               f"on a plane through the trained weights along two random, filter-normalised directions.{measured}")
 
 
 def _step_your_turn() -> None:

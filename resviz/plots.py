@@ -327,10 +327,17 @@ def training_curves_figure(history: Mapping[str, Mapping[str, Any]], *, smoothin
 
 
 def _log_colorbar(z: list[list[float | None]], title: str) -> dict:
+    """Colour-bar ticks for log10 colours: one per decade, or at 1, 2 and 5 times a power of ten when the
+    data span less than two decades (so a narrow range still gets labelled ticks)."""
     vals = [v for row in z for v in row if v is not None]
-    lo, hi = (math.floor(min(vals)), math.ceil(max(vals))) if vals else (0, 1)
-    ticks = list(range(lo, hi + 1))
-    return {"title": title, "tickvals": ticks, "ticktext": [f"10<sup>{t}</sup>" for t in ticks], "thickness": 14}
+    lo, hi = (min(vals), max(vals)) if vals else (0.0, 1.0)
+    ticks = [float(t) for t in range(math.floor(lo), math.ceil(hi) + 1)]
+    text = [f"10<sup>{int(t)}</sup>" for t in ticks]
+    if sum(lo <= t <= hi for t in ticks) < 2:
+        ticks = [math.log10(m) + k for k in range(math.floor(lo) - 1, math.ceil(hi) + 1) for m in (1, 2, 5)]
+        ticks = [t for t in ticks if lo - 1e-9 <= t <= hi + 1e-9] or [lo]
+        text = [f"{10 ** t:.3g}" for t in ticks]
+    return {"title": title, "tickvals": ticks, "ticktext": text, "thickness": 14}
 
 
 def grad_flow_heatmap(steps: Sequence[float], layer_names: Sequence[str], norms: Any) -> go.Figure:

@@ -191,6 +191,9 @@ def test_grad_flow_heatmap():
     assert list(hm.z[0][:2]) == [0.0, 1.0] and hm.z[0][2] is None and hm.z[1][1] is None  # log10; 0 -> gap
     assert hm.customdata[1][2] == 100.0
     assert list(hm.colorbar.ticktext) == [f"10<sup>{k}</sup>" for k in range(-2, 3)]
+    narrow = plots.grad_flow_heatmap([0, 1], ["b0"], np.array([[0.3, 0.9]]))  # within one decade
+    assert list(narrow.data[0].colorbar.ticktext) == ["0.5"]  # 10^0 is outside: 1-2-5 ticks instead
+    assert list(plots.grad_flow_heatmap([0, 1], ["b0"], np.array([[0.15, 0.9]])).data[0].colorbar.ticktext) == ["0.2", "0.5"]
     empty = plots.grad_flow_heatmap([], [], [])
     renders(empty)
     assert has_no_data_note(empty) and not empty.data
