@@ -21,7 +21,7 @@ RESIDUAL_COLOR = "#0072B2"  # blue: a net with its skip connections
 PLAIN_COLOR = "#D55E00"  # vermillion: its plain twin, skips off
 OFF_COLOR = "#9E9E9E"  # grey: switched off, removed, or "the other" in a comparison (intact net, shortcut)
 PROJECTION_COLOR = "#009E73"  # bluish green: a projection shortcut
-PALETTE = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#F0E442", "#000000")
+PALETTE = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#000000", "#F0E442")  # yellow last: faint on white
 SEQUENTIAL = "Viridis"  # per-block and per-layer quantities (perceptually uniform, colour-blind safe)
 SEQUENTIAL_ALT = "Cividis"  # a second sequential scale, for a second kind of quantity on the same page
 
