@@ -11,8 +11,7 @@ from __future__ import annotations
 import streamlit as st
 from streamlit.navigation.page import StreamlitPage
 
-from app_pages import design, experiments, inspection, jobs, state, tour, train
-from resviz.theme import use_theme
+from app_pages import charts, design, experiments, inspection, jobs, state, tour, train
 
 ABOUT = (
     "ResViz shows why residual networks work: design a block, watch it train next to its plain twin, "
@@ -45,7 +44,7 @@ def sidebar() -> None:
 def main() -> None:
     """One script run: the frame around the page the URL names."""
     st.set_page_config(page_title="ResViz", page_icon=":material/hub:", layout="wide")
-    use_theme()  # the ResViz chart template is Plotly's default in this process (every builder sets it anyway)
+    charts.use_theme()  # the ResViz chart template is Plotly's default in this process
     state.init_state()
     nav = pages()
     page = st.navigation(nav)

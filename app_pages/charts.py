@@ -14,10 +14,15 @@ from typing import Any
 import plotly.graph_objects as go
 import streamlit as st
 
-from resviz import plots
+from resviz import plots, theme
 
 # Selection tools draw boxes that do nothing here; the rest (zoom, pan, reset, PNG) stays.
 REMOVED_BUTTONS = ["select2d", "lasso2d"]
+
+
+def use_theme() -> None:
+    """Make the ResViz template Plotly's default for this process (every builder sets it anyway)."""
+    theme.use_theme()
 
 
 def file_stem(name: str) -> str:

@@ -48,8 +48,9 @@ def test_short_run_completes_and_hands_nets_to_inspect() -> None:
     assert _status(at) == "finished"
     assert metric(at, "residual test accuracy").endswith("%") and metric(at, "plain test accuracy").endswith("%")
     assert len(at.get("plotly_chart")) == 4  # curves, two gradient-flow heatmaps, branch/shortcut ratios
-    labels = [b.label for b in at.get("download_button")]
+    labels = [b.label for b in at.get("download_button") if b.label != "CSV"]
     assert labels == ["Config (JSON)", "Metrics (CSV)", "Residual checkpoint", "Plain checkpoint"]
+    assert sum(b.label == "CSV" for b in at.get("download_button")) == 4  # one under each chart
     models = at.session_state["trained_models"]
     assert sorted(m.info["role"] for m in models.values()) == ["plain", "residual"]
     net, info = next(iter(models.values()))
