@@ -66,16 +66,20 @@ def use_theme() -> None:
     pio.templates.default = "resviz"
 
 
+def _decade_label(k: int, powers: bool) -> str:
+    return f"10<sup>{k}</sup>" if powers else f"{10.0 ** k:,.{max(0, -k)}f}"
+
+
 def log_axis(values: Any) -> dict[str, Any]:
     """Settings of a log axis for ``values``: whole decades, at least two of them, one label per decade.
 
     Data that hardly varies (a variance of 0.99998 to 0.99999) then sits on a flat line near 1 on an
-    axis labelled 0.1, 1, 10, instead of filling an axis labelled 0.999980 to 0.999985; exponents are
-    printed as powers of ten.
+    axis labelled 0.1, 1, 10, instead of filling an axis labelled 0.999980 to 0.999985. Labels are
+    plain numbers (0.01 ... 10,000) when every one of them is, powers of ten otherwise: one style an axis.
     """
     a = np.asarray(values, dtype=np.float64).ravel() if values is not None else np.zeros(0)
     a = a[np.isfinite(a) & (a > 0)]
-    axis: dict[str, Any] = {"type": "log", "exponentformat": "power", "minor": {"showgrid": False}}
+    axis: dict[str, Any] = {"type": "log", "minor": {"showgrid": False}}
     if not a.size:
         return axis
     lo, hi = math.log10(float(a.min())), math.log10(float(a.max()))
@@ -85,5 +89,8 @@ def log_axis(values: Any) -> dict[str, Any]:
     else:
         pad = 0.05 * (hi - lo)
         lo, hi = lo - pad, hi + pad
-    decades = math.floor(hi) - math.ceil(lo)
-    return axis | {"range": [lo, hi], "dtick": max(1, math.ceil(decades / 6))}
+    step = max(1, math.ceil((math.floor(hi) - math.ceil(lo)) / 6))  # at most about six labels
+    ticks = list(range(math.ceil(lo / step) * step, math.floor(hi) + 1, step))  # multiples of the step: 10^-5, 1, 10^5
+    powers = any(k < -2 or k > 4 for k in ticks)
+    return axis | {"range": [lo, hi], "tickmode": "array", "tickvals": [10.0 ** k for k in ticks],
+                   "ticktext": [_decade_label(k, powers) for k in ticks]}
