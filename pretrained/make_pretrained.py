@@ -11,7 +11,7 @@ Usage::
 Each net writes ``<name>.safetensors`` + ``<name>.json`` (see :mod:`resviz.storage.checkpoints`) and its
 entry in ``manifest.json``: the files, the net and training configs, the dataset recipe (name, seed,
 sizes, input size: enough to regenerate the exact test split), the test accuracy measured on the CPU in
-float32 on the saved weights, the full training log (train and test loss and error per epoch), the
+float32 on the saved weights, the full training log (train and test loss and error, several times per epoch), the
 training time and device, the sha256 of the weights and the torch version. ``tests/test_pretrained.py``
 checks all of it.
 
@@ -66,8 +66,9 @@ def _zoo_recipe(depth: int) -> dict[str, Any]:
     return {
         "dataset": {"name": "shapes", "seed": 1, "train_size": 20000, "test_size": 1000, "input_size": 32},
         "net": NetConfig(depth=depth, width=16, num_classes=8, input_size=32, block=BlockConfig()),
+        # 157 steps per epoch; a test evaluation every 32 steps draws the degradation curves from the log
         "train": TrainConfig(epochs=3, batch_size=128, lr=0.1, schedule="onecycle", weight_decay=5e-4,
-                             seed=depth, device="auto", probe_every=0, augment=True),
+                             seed=depth, device="auto", probe_every=0, eval_every=32, augment=True),
         "twin": True,
         "names": {"residual": f"shapes_resnet{depth}", "plain": f"shapes_plain{depth}"},
         "descriptions": {
@@ -85,7 +86,7 @@ RECIPES: dict[str, dict[str, Any]] = {
         "net": NetConfig(depth=20, width=16, num_classes=10, in_channels=1, input_size=28, block=BlockConfig()),
         # crop only would be safer for text, but a mirrored garment is the same garment: crop + flip
         "train": TrainConfig(epochs=3, batch_size=128, lr=0.1, schedule="onecycle", weight_decay=5e-4,
-                             seed=0, device="auto", probe_every=0, augment=True),
+                             seed=0, device="auto", probe_every=0, eval_every=157, augment=True),
         "twin": True,
         "names": {"residual": "fmnist_resnet20", "plain": "fmnist_plain20"},
         "descriptions": {
@@ -149,7 +150,7 @@ def load_recipe_data(key: str) -> DatasetBundle:
 
 
 def training_log(history: list[StepRecord], name: str) -> dict[str, list[float]]:
-    """Per epoch: mean train loss and error over the epoch's batches, test loss and error at its end."""
+    """At each test evaluation: mean train loss and error over the batches since the last one, test loss and error."""
     log: dict[str, list[float]] = {"epoch": [], "train_loss": [], "train_error": [], "test_loss": [], "test_error": []}
     losses: list[float] = []
     errors: list[float] = []
@@ -246,6 +247,23 @@ def write_manifest(out: Path, new: list[dict[str, Any]]) -> Path:
     return path
 
 
+def store_studies(out: Path, names: list[str]) -> None:
+    """Run each study on the zoo (``budget="zoo"``, seed 0) and store its result beside the checkpoints."""
+    import os
+
+    from resviz.experiments import STUDIES
+    from resviz.experiments.runner import run_study
+    from resviz.experiments.stored import store
+
+    os.environ["RESVIZ_PRETRAINED"] = str(out.resolve())  # the studies load the zoo from this folder
+    for name in names or list(STUDIES):
+        t0 = time.perf_counter()
+        result = run_study(name, "zoo", 0, save_figures=False)
+        path = store(result, out)
+        held = sum(c["holds"] for c in result["checks"])
+        print(f"{name}: {held}/{len(result['checks'])} checks hold, {time.perf_counter() - t0:.0f} s -> {path}", flush=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=HERE, help="output folder (default: pretrained/)")
@@ -254,10 +272,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     parser.add_argument("--force", action="store_true", help="retrain nets that are already done")
     parser.add_argument("--list", action="store_true", help="show which nets are done and stop")
+    parser.add_argument("--studies", nargs="*", metavar="STUDY",
+                        help="instead of training: run these studies (all when none is named) on the zoo's nets and store "
+                             "their results in <out>/studies/, where the app opens them")
     args = parser.parse_args(argv)
     index, count = (int(v) for v in args.worker.split("/"))
     runtime.tune(threads=args.threads, keep_freed_memory=True, cudnn_benchmark=True)  # this script's process settings
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.studies is not None:
+        store_studies(args.out, args.studies)
+        return
     done = read_manifest(args.out)
     todo = [(k, kind) for k, kind in units() if not args.only or k in args.only]
     pending = [(k, kind) for k, kind in todo if args.force or not is_done(done.get(RECIPES[k]["names"][kind]), k, args.out)]

@@ -48,7 +48,7 @@ def test_train_writes_a_complete_run_directory(tmp_path: Path) -> None:
 
 def test_study_json_equals_the_library_result_and_result_json(tmp_path: Path) -> None:
     sets = [a for k, v in SHATTERED.items() for a in ("--set", f"{k}={json.dumps(v)}")]
-    proc = _run("study", "shattered", "--seed", "3", "--json", "--out", str(tmp_path / "s"), *sets)
+    proc = _run("study", "shattered", "--budget", "small", "--seed", "3", "--json", "--out", str(tmp_path / "s"), *sets)
     assert proc.returncode == 0, proc.stderr
     printed = json.loads(proc.stdout)
     saved = json.loads((tmp_path / "s" / "result.json").read_text())

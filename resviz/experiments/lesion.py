@@ -15,7 +15,7 @@ import numpy as np
 import plotly.graph_objects as go
 from torch import nn
 
-from resviz.experiments.common import MEDIUM_TRAINING, Progress, TrainedStudyConfig, as_progress, check, timer
+from resviz.experiments.common import MEDIUM_TRAINING, ZOO, Progress, TrainedStudyConfig, as_progress, check, timer
 from resviz.experiments.figures import lines
 from resviz.experiments.twins import reference_twins
 from resviz.nn.scoped import removed, reordered
@@ -36,12 +36,12 @@ PAPER_NOTES = [  # read off Figs. 3-5 (CIFAR-10, ResNet-110 vs a 15-layer VGG); 
 @dataclass(frozen=True, kw_only=True)
 class LesionConfig(TrainedStudyConfig):
     depth: int = 20  # ResNet-20 and plain-20: in the small budget both twins train to a similar accuracy
-    source: str = "auto"  # "auto": shipped checkpoints when they match, else train; "train"; "pretrained"
     eval_size: int = 500  # test images per measurement
     draws: int = 4  # random block sets (or swap sets) per k
     max_swaps: int = 4
 
-    PRESETS = {"small": {}, "medium": {**MEDIUM_TRAINING, "depth": 32, "eval_size": 1000, "draws": 8, "max_swaps": 6}}
+    PRESETS = {"small": {}, "medium": {**MEDIUM_TRAINING, "depth": 32, "eval_size": 1000, "draws": 8, "max_swaps": 6},
+               "zoo": {**ZOO, "depth": 110}}
 
 
 def accuracy(net: nn.Module, x: Any, y: Any) -> float:
@@ -117,9 +117,11 @@ def run(cfg: LesionConfig, progress: Any = None) -> dict[str, Any]:
              "residual_acc": curves["single"]["residual"][i], "plain_acc": curves["single"]["plain"][i]}
             for i in range(len(res.blocks))]
     progress(1.0, "done")
+    checks = _checks(rows, intact, curves, data.num_classes)
+    effects = effect_checks(rows, intact, curves, data.num_classes)
     return {"study": NAME, "title": TITLE, "paper": PAPER, "config": cfg.to_dict(), "rows": rows, "intact": intact,
-            "chance": 1.0 / data.num_classes, "curves": curves, "checks": _checks(rows, intact, curves, data.num_classes),
-            "paper_rows": PAPER_NOTES, "source": twins.source, "time_s": elapsed()}
+            "chance": 1.0 / data.num_classes, "curves": curves, "checks": checks + effects if cfg.budget == "zoo" else checks,
+            "effects": effects, "paper_rows": PAPER_NOTES, "source": twins.source, "time_s": elapsed()}
 
 
 def retained(acc: float, intact: float, chance: float) -> float:
@@ -149,6 +151,44 @@ def _checks(rows: list[dict], intact: dict[str, float], curves: dict, classes: i
         check("swapping two blocks hurts the residual net less than the plain net", swap_kept["residual"] > swap_kept["plain"],
               f"one swap keeps {swap_kept['residual']:.0%} (residual) vs {swap_kept['plain']:.0%} (plain)"
               if one["residual"] is not None else "no stage has two same-shape blocks"),
+    ]
+
+
+SINGLE_COST = 0.03  # Veit et al.: deleting one block of ResNet-110 barely changes its error (Fig. 3)
+PLAIN_KEPT = 0.30  # ... while the plain net (their VGG-15) drops to chance
+
+
+def effect_checks(rows: list[dict], intact: dict[str, float], curves: dict, classes: int) -> list[dict[str, Any]]:
+    """The paper's effect sizes: how much a deletion costs, not only which net loses more."""
+    chance = 1 / classes
+    inner = [r for r in rows if not r["downsampling"]]
+    down = [r for r in rows if r["downsampling"]]
+
+    def cost(r: dict) -> float:
+        return intact["residual"] - r["residual_acc"]
+
+    mean_inner = float(np.mean([cost(r) for r in inner])) if inner else float("nan")
+    worst = max(rows, key=cost)
+    errors = [1 - intact["residual"], *(1 - a for a in curves["random"]["residual"])]
+    rises = np.diff(errors)
+    total = errors[-1] - errors[0]
+    smooth = bool(np.all(rises >= -0.01)) and total > 0 and float(rises.max()) <= 0.5 * total
+    plain_kept = float(np.mean([retained(r["plain_acc"], intact["plain"], chance) for r in inner])) if inner else float("nan")
+    return [
+        check(f"deleting one non-downsampling block costs the residual net at most {SINGLE_COST:.0%} of accuracy on "
+              "average (Veit et al., ResNet-110 on CIFAR-10: its error barely moves)", mean_inner <= SINGLE_COST,
+              f"{mean_inner:.1%} on average over {len(inner)} blocks (worst {max(cost(r) for r in inner):.1%}); "
+              f"intact {intact['residual']:.1%}" if inner else "no non-downsampling block"),
+        check("the downsampling blocks cost the most to delete", bool(down) and worst["downsampling"]
+              and min(cost(r) for r in down) > mean_inner,
+              f"costliest: block {worst['block']} ({cost(worst):.1%}{', downsampling' if worst['downsampling'] else ''}); "
+              "downsampling blocks: " + ", ".join(f"{r['block']}: {cost(r):.1%}" for r in down)),
+        check("the residual net's error grows smoothly with the number of deleted blocks (never falls by more than a "
+              "point, no step adds more than half of the total rise)", smooth,
+              "error by blocks deleted: " + ", ".join(f"{k}: {e:.1%}" for k, e in zip([0, *curves["k"]], errors, strict=True))),
+        check(f"the plain net keeps at most {PLAIN_KEPT:.0%} of its above-chance accuracy after one deletion",
+              plain_kept <= PLAIN_KEPT,
+              f"it keeps {plain_kept:.0%} on average (intact {intact['plain']:.1%}, chance {chance:.1%})"),
     ]
 
 
