@@ -46,7 +46,8 @@ DATASETS = {
     "shapes": "Procedural shapes (8 classes) on cluttered, noisy backgrounds; offline, with object masks.",
     "digits": "scikit-learn's 1,797 real 8x8 handwritten digits (10 classes), upsampled; offline.",
     "mnist": "MNIST handwritten digits (10 classes); needs its files under the data folder.",
-    "fashion-mnist": "Fashion-MNIST clothing pictures (10 classes); needs its files under the data folder.",
+    "fashion-mnist": "Fashion-MNIST clothing pictures (10 classes, 60,000 + 10,000 real 28x28 photos); from Debian's "
+                     "dataset-fashion-mnist package or its files under the data folder.",
     "cifar10": "CIFAR-10 small colour photos (10 classes); needs its files under the data folder.",
     "imagefolder": "Your own images, one sub-folder per class: name it 'folder:<path>'.",
 }

@@ -143,9 +143,12 @@ def where_message(key: str, root: Path, missing: list[str]) -> str:
         how = f"Put {src.archive} (the Python version, from {src.page}) in {root}/ and ResViz unpacks it"
     else:
         how = f"Put {', '.join(src.files[:-1])} and {src.files[-1]} there (or the .gz files from {src.page})"
+    system = ""
+    if key == "fashion-mnist":
+        system = " Or install Debian's package (`apt-get install dataset-fashion-mnist`), which ResViz finds by itself."
     return (
         f"{src.title} {found} {folder}/. {how}; or load it with download=True while online. "
-        "The data folder is $RESVIZ_DATA when set, else ./data."
+        f"The data folder is $RESVIZ_DATA when set, else ./data.{system}"
     )
 
 
