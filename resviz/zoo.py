@@ -182,6 +182,12 @@ def _manifest_entry(root: Path, e: Any) -> ShippedModel | None:
                         log=e.get("log") if isinstance(e.get("log"), Mapping) else None)
 
 
+def first_choice(models: Sequence[ShippedModel], dataset: str | None) -> int:
+    """Index of the net to open first: the smallest residual net on ``dataset`` (quick to inspect), else the first."""
+    fits = [i for i, m in enumerate(models) if m.dataset == dataset and m.kind != "plain"]
+    return min(fits, key=lambda i: (models[i].path.stat().st_size, models[i].name)) if fits else 0
+
+
 def load_shipped(model: ShippedModel) -> tuple[ResNet, ModelInfo]:
     """Load a shipped checkpoint (safetensors + JSON sidecar, checked) in eval mode."""
     net, meta = load_checkpoint(model.path)

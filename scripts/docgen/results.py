@@ -20,6 +20,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "docs" / "results"
 CPU_FILE = RESULTS / "cpu.json"
+ZOO_RESULTS = ROOT / "pretrained" / "studies"
 SHIPPED = {"depth": 32, "width": 16, "input_size": 32, "order": "post", "source": "pretrained"}
 
 
@@ -32,10 +33,11 @@ class StoredRun:
     budget: str = "small"
     seed: int = 0
     overrides: dict[str, Any] = field(default_factory=dict)
+    file: Path | None = None  # the zoo's results live beside its checkpoints, not in docs/results
 
     @property
     def path(self) -> Path:
-        return RESULTS / self.key / "result.json"
+        return self.file or RESULTS / self.key / "result.json"
 
     def command(self, out: Path) -> list[str]:
         """The CLI call that produces this run's result in ``out``."""
@@ -49,6 +51,8 @@ RUNS: dict[str, StoredRun] = {
     **{name: StoredRun(name, name) for name in STUDY_NAMES},
     "lesion-shipped": StoredRun("lesion-shipped", "lesion", overrides=SHIPPED),
     "landscape-shipped": StoredRun("landscape-shipped", "landscape", overrides=SHIPPED),
+    # on the converged zoo (budget "zoo"): stored by `python pretrained/make_pretrained.py --studies`
+    **{f"{name}-zoo": StoredRun(f"{name}-zoo", name, budget="zoo", file=ZOO_RESULTS / f"{name}.json") for name in STUDY_NAMES},
 }
 
 
