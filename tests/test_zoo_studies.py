@@ -75,11 +75,17 @@ def test_degradation_on_the_zoo_reads_the_logs_and_checks_the_effect_sizes(zoo_e
 
 
 def test_lesion_and_responses_on_the_zoo_use_the_shipped_nets(zoo_env: Path) -> None:
-    res = run_study("lesion", "zoo", overrides={**TINY, "depth": 14, "draws": 2, "max_swaps": 2}, save_figures=False)
+    res = run_study("lesion", "zoo", overrides={**TINY, "depth": 14, "plain_depth": None, "draws": 2, "max_swaps": 2},
+                    save_figures=False)
     assert res["source"] == "pretrained: shapes_resnet14, shapes_plain14"
     inner = [r for r in res["rows"] if not r["downsampling"]]
     mean_cost = np.mean([res["intact"]["residual"] - r["residual_acc"] for r in inner])
     assert res["effects"][0]["holds"] == (mean_cost <= lesion.SINGLE_COST)
+    with_ref = run_study("lesion", "zoo", overrides={**TINY, "depth": 14, "plain_depth": 8, "draws": 2, "max_swaps": 2},
+                         save_figures=False)
+    ref = with_ref["plain_reference"]
+    assert ref["depth"] == 8 and len(ref["single"]) == 3 and with_ref["rows"] == res["rows"]  # the twins' rows as before
+    assert "plain-8 keeps" in with_ref["effects"][-1]["detail"]
     resp = run_study("responses", "zoo", overrides={**TINY, "depths": (8, 14)}, save_figures=False)
     by = {r["net"]: r["mean_branch_std"] for r in resp["rows"]}
     chain = [by["residual-14"], by["residual-8"], by["plain-8"]]
