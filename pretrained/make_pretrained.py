@@ -28,8 +28,9 @@ The recipes:
   their plain twins on ``shapes`` at 32x32, 20,000 training images (crop + flip), SGD with Nesterov momentum
   0.9, weight decay 5e-4, a one-cycle schedule peaking at 0.1, batch 128. The plain nets show the
   degradation problem; the ResNets do not.
-- ``fmnist20``: ResNet-20 and its plain twin on Fashion-MNIST (all 60,000 / 10,000 images, 28x28), read
-  from Debian's ``dataset-fashion-mnist`` package or torchvision's layout under the data folder.
+- ``fmnist20``: ResNet-20 and its plain twin on Fashion-MNIST (all 60,000 / 10,000 images, 28x28, 5 epochs,
+  no augmentation), read from Debian's ``dataset-fashion-mnist`` package or torchvision's layout under the
+  data folder.
 - ``shapes``: ResNet-32 and plain-32 at 5,000 images (the nets the tour and the Inspect page open with).
 - ``digits``: a ResNet-20 on scikit-learn's handwritten digits.
 """
@@ -84,9 +85,10 @@ RECIPES: dict[str, dict[str, Any]] = {
     "fmnist20": {
         "dataset": {"name": "fashion-mnist", "seed": 0, "train_size": 60000, "test_size": 10000, "input_size": 28},
         "net": NetConfig(depth=20, width=16, num_classes=10, in_channels=1, input_size=28, block=BlockConfig()),
-        # crop only would be safer for text, but a mirrored garment is the same garment: crop + flip
-        "train": TrainConfig(epochs=3, batch_size=128, lr=0.1, schedule="onecycle", weight_decay=5e-4,
-                             seed=0, device="auto", probe_every=0, eval_every=157, augment=True),
+        # no augmentation: in a short schedule crop + flip cost accuracy here (3 epochs with it: ResNet-20 91.0%,
+        # plain-20 90.9%); 469 steps per epoch, a test evaluation every 235 steps (all 10,000 test images)
+        "train": TrainConfig(epochs=5, batch_size=128, lr=0.1, schedule="onecycle", weight_decay=5e-4,
+                             seed=0, device="auto", probe_every=0, eval_every=235),
         "twin": True,
         "names": {"residual": "fmnist_resnet20", "plain": "fmnist_plain20"},
         "descriptions": {
