@@ -186,10 +186,19 @@ def zoo(r: Results, manifest: Mapping[str, Any]) -> dict[str, str]:
             effects.append((label, "effect size" if c["claim"] in claims else "ordering", c["claim"], c["detail"],
                             "yes" if c["holds"] else "**no**"))
     held = sum(row[-1] == "yes" for row in effects)
+    land = r["landscape-zoo"]["config"]
+    by_name = {e["name"]: e for e in nets}
+    deep = max((e for e in nets if e["dataset"]["name"] == "shapes"), key=lambda e: e["config"]["depth"])
+    plain_deep = by_name.get(deep["twin"]) or deep
     return {"zoo.nets": table(["net", "data", "depth", "test accuracy", "final training error", "epochs x images",
                                "training"], rows),
             "zoo.checks": table(["study", "kind", "claim (the paper's number in brackets)", "ours", "holds"], effects),
             "zoo.held": f"{held} of {len(effects)}",
+            "zoo.landscape": f"{land['grid']} x {land['grid']} points on {land['eval_size']} training images",
+            "zoo.recipe": f"{deep['train']['epochs']:g} epochs of {deep['dataset']['train_size']:,} images "
+                          f"({deep['steps']:,} steps of batch {deep['train']['batch_size']})",
+            "zoo.plain_deep": f"{pct(plain_deep['test_acc'])} test accuracy (plain-{plain_deep['config']['depth']})",
+            "zoo.chance": pct(1 / plain_deep["config"]["num_classes"]),
             "zoo.sources": "; ".join(f"{STUDY_LABELS[n].split('. ')[1]}: {r[f'{n}-zoo']['source']}" for n in STUDY_LABELS)}
 
 

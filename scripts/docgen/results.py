@@ -80,7 +80,12 @@ def refresh(keys: list[str] | None = None) -> None:
             subprocess.run(run.command(Path(tmp) / "run"), check=True, cwd=ROOT)
             used = round(_child_cpu() - before, 1)
             run.path.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(Path(tmp) / "run" / "result.json", run.path)
+            if run.budget == "zoo":  # beside the zoo's checkpoints, with the command that recomputes it
+                from resviz.experiments.stored import store
+
+                store(json.loads((Path(tmp) / "run" / "result.json").read_text(encoding="utf-8")), run.path.parents[1])
+            else:
+                shutil.copyfile(Path(tmp) / "run" / "result.json", run.path)
         print(f"{key}: {used:.0f} s CPU, {time.perf_counter() - t0:.0f} s wall", flush=True)
         cpu = {**load_cpu(), key: used}  # read again: another refresh may have stored its runs meanwhile
         CPU_FILE.write_text(json.dumps(dict(sorted(cpu.items())), indent=2) + "\n", encoding="utf-8")
