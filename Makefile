@@ -9,10 +9,12 @@ env:
 	@scripts/ensure_env.sh
 
 run: env
+	@scripts/ensure_data.sh
 	$(PY) -m streamlit run app.py --server.address 127.0.0.1 --server.port $(PORT)
 
 test: env
 	@scripts/ensure_chromium.sh
+	@scripts/ensure_data.sh
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 

@@ -16,13 +16,15 @@ import streamlit as st
 
 from app_pages import jobs
 from app_pages.charts import show_chart
-from resviz.experiments import BUDGETS, STUDIES
+from resviz.experiments import BUDGETS, STUDIES, stored
 from resviz.experiments.runner import StudyJob, study_figures
 from resviz.jobs import JobLimitError
 from resviz.storage.rundirs import list_runs, load_run
 
 REFRESH_S = 1.0
-BUDGET_HELP = {"small": "small nets, short runs: the budget of docs/experiments.md, which lists each study's CPU time",
+BUDGET_HELP = {"zoo": "the converged nets shipped in pretrained/ (ResNet and plain 20, 56, 110): nothing is trained, "
+                      "but lesions and landscapes of deep nets take minutes on a CPU",
+               "small": "small nets, short runs: the budget of docs/experiments.md, which lists each study's CPU time",
                "medium": "bigger nets and longer runs (width 16, 24 px, 1,500 steps): many times the small budget's time"}
 
 
@@ -128,21 +130,55 @@ def _open_run() -> None:
             st.caption(f"{len(run.metrics)} metrics lines, checkpoints: {', '.join(p.name for p in run.checkpoints) or 'none'}")
 
 
+def _stored_mtime(name: str) -> float:
+    try:
+        return (stored.stored_dir() / f"{name}.json").stat().st_mtime
+    except OSError:
+        return 0.0
+
+
+@st.cache_resource(show_spinner=False, max_entries=16)
+def _stored(name: str, mtime: float) -> tuple[dict[str, Any] | None, dict[str, Any]]:
+    """A study's stored zoo result and its figures, read and built once per file version and server."""
+    result = stored.load_stored(name)
+    return result, (study_figures(result) if result is not None else {})
+
+
+def _show_stored(name: str) -> None:
+    """The study's result on the converged zoo, stored beside the checkpoints: on screen at once."""
+    result, _ = _stored(name, _stored_mtime(name))
+    if result is None:
+        st.info(f"No stored result on the converged zoo for this study yet. `python pretrained/make_pretrained.py "
+                f"--studies {name}` computes it (after the zoo's nets); or run the study below.")
+        return
+    st.subheader("On the converged zoo")
+    st.caption(f"Stored result of `{stored.command(name)}` (which recomputes it; "
+               f"`python pretrained/make_pretrained.py --studies {name}` stores it again).")
+    show_result(result, key=f"x_zoo_{name}")
+
+
 def render() -> None:
     st.title("Experiments: reproduce the papers")
-    st.caption("Each study re-runs a published experiment on the built-in `shapes` data with a fixed seed and step "
-               "budget, and shows our numbers next to the paper's. The same runs are available headless: "
-               "`python -m resviz study <name> --budget small --seed 0`.")
+    st.caption("Each study re-runs a published experiment on the built-in `shapes` data and shows our numbers next to "
+               "the paper's: first on the converged nets shipped in `pretrained/` (stored, on screen at once), and "
+               "again with any seed and budget you like. The same runs are available headless: "
+               "`python -m resviz study <name> --budget zoo --seed 0`.")
     job = current_job()
     busy = job is not None and job.active
-    c1, c2, c3 = st.columns([3, 1, 1])
-    name = c1.selectbox("Study", list(STUDIES), format_func=lambda n: STUDIES[n].title, key="x_study", disabled=busy)
-    budget = c2.radio("Budget", BUDGETS, key="x_budget", horizontal=True, disabled=busy, help=BUDGET_HELP["small"])
-    seed = int(c3.number_input("Seed", 0, 2**31 - 1, 0, key="x_seed", disabled=busy))
-    st.caption(f"{STUDIES[name].paper}. Budget: {BUDGET_HELP[budget]}.")
+    name = st.selectbox("Study", list(STUDIES), format_func=lambda n: STUDIES[n].title, key="x_study", disabled=busy)
+    st.caption(f"{STUDIES[name].paper}.")
     with st.expander("What this study does"):
         st.markdown((STUDIES[name].module.__doc__ or "").strip())
-    if st.button("Run", type="primary", key="x_run_button", disabled=busy, icon=":material/play_arrow:"):
+    mine = job is not None and job.name == name
+    if not mine:
+        _show_stored(name)
+    st.subheader("Run it again" if not mine else "Your run")
+    c2, c3, c4 = st.columns([3, 1, 1], vertical_alignment="bottom")
+    budget = c2.radio("Budget", BUDGETS, index=BUDGETS.index("small"), key="x_budget", horizontal=True, disabled=busy,
+                      help="; ".join(f"{k}: {v}" for k, v in BUDGET_HELP.items()))
+    seed = int(c3.number_input("Seed", 0, 2**31 - 1, 0, key="x_seed", disabled=busy))
+    if c4.button("Run", type="primary", key="x_run_button", disabled=busy, icon=":material/play_arrow:"):
         _start(name, budget, seed)
+    st.caption(f"Budget: {BUDGET_HELP[budget]}.")
     _job_panel(job)
     _open_run()

@@ -76,8 +76,7 @@ def _pick_shipped() -> Model | None:
     if not models:
         st.info("No shipped checkpoints yet: run `python pretrained/make_pretrained.py`, or pick another source.")
         return None
-    dataset = st.session_state.get(state.DATASET)  # first choice: a residual net on the session's dataset
-    first = next((i for i, m in enumerate(models) if m.dataset == dataset and m.kind != "plain"), 0)
+    first = zoo.first_choice(models, st.session_state.get(state.DATASET))
     m = st.selectbox("Checkpoint", models, index=first, format_func=_shipped_label, key="i_shipped")
     net, info = _shipped(str(m.path), m.path.stat().st_mtime)
     return f"pretrained:{m.path}:{m.path.stat().st_mtime}", net, info

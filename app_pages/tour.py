@@ -19,6 +19,7 @@ from app_pages.charts import show_chart
 from resviz import plots, zoo
 from resviz.analysis.inspection import Lesion, inspect_image
 from resviz.experiments.runner import study_figures
+from resviz.experiments.stored import command, load_stored
 from resviz.experiments.tour import TWINS, gradient_norms_at_init, lesion_curve, stored_result
 
 STEPS = ("The block", "Degradation", "Why: gradients", "Ensembles", "Loss landscapes", "Your turn")
@@ -54,17 +55,27 @@ def _init_grads(depth: int) -> dict[str, np.ndarray]:
 
 
 @st.cache_resource(show_spinner=False)
-def _stored_figures(name: str) -> tuple[dict[str, Any], dict[str, Any]] | None:
-    """A stored study result and its figures, read and built once per server (shared, read-only)."""
-    result = stored_result(name)
+def _stored_figures(name: str, study: str) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """A study's stored result and its figures, read and built once per server (shared, read-only): its result on
+    the converged zoo (``pretrained/studies/``) when there is one, else the docs' stored run ``name``."""
+    result = load_stored(study) or stored_result(name)
     return None if result is None else (result, study_figures(result))
 
 
-def _stored_or_note(name: str) -> tuple[dict[str, Any], dict[str, Any]] | None:
-    found = _stored_figures(name)
+def _stored_or_note(name: str, study: str) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    found = _stored_figures(name, study)
     if found is None:
-        st.info(f"The stored {name} results are not here; `python -m scripts.docgen results {name}` makes them.")
+        st.info(f"The stored {study} results are not here; `python pretrained/make_pretrained.py --studies {study}` "
+                "makes them.")
     return found
+
+
+def _where(result: dict[str, Any]) -> str:
+    """Where a stored result's nets came from, for a caption."""
+    if result["config"].get("budget") == "zoo":
+        return f"the converged zoo ({result.get('source', 'pretrained')}); `{command(result['study'])}` recomputes it"
+    cfg = result["config"]
+    return f"`python -m resviz study {result['study']}`, {cfg.get('budget')} budget, seed {cfg.get('seed')}"
 
 
 def _step_block() -> None:
@@ -88,14 +99,13 @@ def _step_degradation() -> None:
     st.markdown("He et al. (2016) found that a deeper *plain* net trains **worse** than a shallower one, although it "
                 "could copy it and add identity layers. With skip connections, deeper nets train as well or better. "
                 "Darker lines are deeper nets.")
-    found = _stored_or_note("degradation")
+    found = _stored_or_note("degradation", "degradation")
     if found is None:
         return
     result, figs = found
     which = st.segmented_control("Show", ["training curves", "error by depth"], default="training curves", key="tour_deg")
     show_chart(figs["training_curves" if which != "error by depth" else "error_by_depth"], "tour_deg_fig")
-    st.caption(f"Stored result of `python -m resviz study degradation` ({result['config'].get('budget')} budget, "
-               f"seed {result['config'].get('seed')}).")
+    st.caption(f"Stored result: {_where(result)}.")
 
 
 def _step_gradients() -> None:
@@ -128,7 +138,7 @@ def _step_landscape() -> None:
     st.markdown("Li et al. (2018): around the trained weights, the loss of a residual net is a smooth bowl; "
                 "the plain net's is rough and chaotic, which is what makes it hard to train. Both maps share "
                 "one colour scale: compare the shapes of the basins and how low they go.")
-    found = _stored_or_note("landscape-shipped")
+    found = _stored_or_note("landscape-shipped", "landscape")
     if found is None:
         return
     result, figs = found
@@ -139,14 +149,14 @@ def _step_landscape() -> None:
     else:
         fig = figs[f"surface_{view.removeprefix('3-D: ')}"]
     show_chart(fig, "tour_land_fig")
-    rows = {r["net"]: r for r in result.get("rows", [])}
+    rows = {r.get("net"): r for r in result.get("rows", [])}
     measured = ""
-    if {"residual", "plain"} <= rows.keys():
+    if {"residual", "plain"} <= rows.keys() and all("center_loss" in rows[n] for n in ("residual", "plain")):
         res, plain = rows["residual"], rows["plain"]
         measured = (f" At the trained weights the loss is {res['center_loss']:.3g} (residual) and {plain['center_loss']:.3g} "
                     f"(plain); non-convexity {res['nonconvexity']:.2f} vs {plain['nonconvexity']:.2f}.")
-    st.caption("Stored result of the landscape study on the shipped ResNet-32 and its plain twin: the training loss "
-               f"on a plane through the trained weights along two random, filter-normalised directions.{measured}")
+    st.caption(f"Stored result of the landscape study on {_where(result)}: the training loss on a plane through the "
+               f"trained weights along two random, filter-normalised directions.{measured}")
 
 
 def _step_your_turn() -> None:

@@ -39,7 +39,8 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networki
 # seeded default run's recorded final accuracy, which a new run must reach again.
 SAVED = ROOT / "bench" / "results" / "cpu.json"
 ACCURACY_ROW = "final test accuracy, residual vs plain twin"
-TTA_LIMIT_S = 60.0
+TTA_LIMIT_S = 20.0  # the default demo: ResNet >= 90% test accuracy, plain twin >= 40 points behind, in <= 20 s
+TTA_ACCURACY, TTA_GAP = 0.90, 0.40
 PAYLOAD_LIMIT_KB = 300.0
 STALL_S = 60.0  # a live page whose text does not change for this long has stalled
 PROGRESS = re.compile(r"step (\d+)/(\d+) · epoch [\d.]+ · (\d+) images/s")
@@ -302,18 +303,18 @@ def section_tta(quick: bool, headless: list[dict]) -> list[Row]:
     acc = h["acc"]
     res, plain = acc.get("residual", float("nan")), acc.get("plain", float("nan"))
     stated = recorded_accuracy()
-    floor = stated["residual"] - 0.01 if stated else None
-    reached = (floor is None or res >= floor) and res - plain >= 0.2
-    ok = reached and h["wall_s"] <= TTA_LIMIT_S and h["status"] == "finished"
+    floor = TTA_ACCURACY
+    reached = res >= floor and res - plain >= TTA_GAP
+    ok = reached and h["wall_s"] + h["load_s"] <= TTA_LIMIT_S and h["status"] == "finished"  # loading the data counts
     walls = [round(r["wall_s"], 1) for r in headless]
     load_s = max(r["load_s"] for r in headless)
     recorded = f"recorded: {stated['residual']:.1%} vs {stated['plain']:.1%}" if stated else "no recorded run"
     return [Row("5", f"Train page defaults ({h['steps']} steps, twin, 1 training thread as in the app): wall time",
-                f"{h['wall_s']:.0f} s (runs: {', '.join(f'{w:.0f}' for w in walls)} s; loading the data first: {load_s:.1f} s)",
+                f"{h['wall_s']:.1f} s (runs: {', '.join(f'{w:.1f}' for w in walls)} s; loading the data first: {load_s:.1f} s)",
                 recorded, None, f"<= {TTA_LIMIT_S:.0f} s", ok,
                 data={"wall_s": round(h["wall_s"], 1), "runs_s": walls, "load_s": round(load_s, 2), "steps": h["steps"]}),
             Row("5", ACCURACY_ROW, f"{res:.1%} vs {plain:.1%}", "", None,
-                (f">= {floor:.1%}, " if floor is not None else "") + "gap >= 20 points", reached,
+                f">= {floor:.0%}, gap >= {TTA_GAP * 100:.0f} points", reached,
                 data={"residual": res, "plain": plain})]
 
 

@@ -1,27 +1,50 @@
-"""Train the checkpoints shipped in ``pretrained/``, reproducibly from fixed seeds.
+"""Train the checkpoints shipped in ``pretrained/`` (the study zoo), reproducibly from fixed seeds.
 
 Usage::
 
-    python pretrained/make_pretrained.py              # all checkpoints, into pretrained/
-    python pretrained/make_pretrained.py --only digits --out /tmp/pre
+    python pretrained/make_pretrained.py                     # every net, into pretrained/; resumable
+    python pretrained/make_pretrained.py --only shapes20     # one recipe (both nets of a twin pair)
+    python pretrained/make_pretrained.py --worker 0/2 &      # two processes share the work
+    python pretrained/make_pretrained.py --worker 1/2 &
+    python pretrained/make_pretrained.py --list              # what is done, what is left
 
-Each run writes ``<name>.safetensors`` + ``<name>.json`` (see :mod:`resviz.storage.checkpoints`) and
-``manifest.json``, which lists per checkpoint: the files, the net and training configs, the dataset
-recipe (name, seed, sizes, input size: enough to regenerate the exact test split), the test accuracy
-measured on the CPU in float32 after training, the training time, the sha256 of the weights and the
-torch version. ``tests/test_pretrained.py`` checks all of it.
+Each net writes ``<name>.safetensors`` + ``<name>.json`` (see :mod:`resviz.storage.checkpoints`) and its
+entry in ``manifest.json``: the files, the net and training configs, the dataset recipe (name, seed,
+sizes, input size: enough to regenerate the exact test split), the test accuracy measured on the CPU in
+float32 on the saved weights, the full training log (train and test loss and error, several times per epoch), the
+training time and device, the sha256 of the weights and the torch version. ``tests/test_pretrained.py``
+checks all of it.
 
-Why these runs: a ResNet-32 and its plain twin (same init, same batches, only the skips differ) on
-``shapes``, where the plain net clearly falls behind, and a ResNet-20 on ``digits``. On a shared 2-core CPU the whole script takes
-a few minutes; one intra-op thread is the default because it is the fastest setting on a busy box.
+Twins (a residual net and its plain twin: same initial weights, same batches, same augmentation, only the
+skips differ) are trained as two separate runs from the same seed, which gives the same weights as
+training them in lockstep (``tests/test_pretrained.py`` checks that on a short run), so each net is one
+unit of work: a finished net is never trained again (resume by running the same command; a net whose
+entry, recipe and weights match is skipped), and workers split the nets between them. On a CUDA device
+the trainer's fast path runs (``device="auto"``); on a CPU one intra-op thread per worker is fastest.
+
+The recipes:
+
+- ``shapes20``, ``shapes56``, ``shapes110``: the study zoo. ResNet-20/56/110 (CIFAR-style, width 16) and
+  their plain twins on ``shapes`` at 32x32, 20,000 training images (crop + flip), SGD with Nesterov momentum
+  0.9, weight decay 5e-4, a one-cycle schedule peaking at 0.1, batch 128. The plain nets show the
+  degradation problem; the ResNets do not.
+- ``fmnist20``: ResNet-20 and its plain twin on Fashion-MNIST (all 60,000 / 10,000 images, 28x28, 5 epochs,
+  no augmentation), read from Debian's ``dataset-fashion-mnist`` package or torchvision's layout under the
+  data folder.
+- ``shapes``: ResNet-32 and plain-32 at 5,000 images (the nets the tour and the Inspect page open with).
+- ``digits``: a ResNet-20 on scikit-learn's handwritten digits.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
+import hashlib
 import json
 import sys
 import time
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -31,15 +54,50 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout without installing
 
 from resviz import BlockConfig, NetConfig, TrainConfig, __version__, runtime  # noqa: E402
-from resviz.data.datasets import load_dataset  # noqa: E402
-from resviz.storage.checkpoints import file_sha256, save_checkpoint  # noqa: E402
-from resviz.train.trainer import evaluate, fit  # noqa: E402
+from resviz.data.datasets import DatasetBundle, load_dataset  # noqa: E402
+from resviz.storage.checkpoints import file_sha256, load_checkpoint, save_checkpoint  # noqa: E402
+from resviz.train.records import StepRecord  # noqa: E402
+from resviz.train.trainer import build_nets, evaluate, fit, resolve_device  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 MANIFEST = "manifest.json"
 
-# name -> recipe. "names" maps the trainer's net names to checkpoint names (a twin run gives two).
+
+def _zoo_recipe(depth: int) -> dict[str, Any]:
+    return {
+        "dataset": {"name": "shapes", "seed": 1, "train_size": 20000, "test_size": 1000, "input_size": 32},
+        "net": NetConfig(depth=depth, width=16, num_classes=8, input_size=32, block=BlockConfig()),
+        # 157 steps per epoch; a test evaluation every 32 steps draws the degradation curves from the log
+        "train": TrainConfig(epochs=3, batch_size=128, lr=0.1, schedule="onecycle", weight_decay=5e-4,
+                             seed=depth, device="auto", probe_every=0, eval_every=32, augment=True),
+        "twin": True,
+        "names": {"residual": f"shapes_resnet{depth}", "plain": f"shapes_plain{depth}"},
+        "descriptions": {
+            "residual": f"ResNet-{depth} (width 16) on shapes at 32x32, 20,000 images; zoo net, twin of shapes_plain{depth}",
+            "plain": f"Plain-{depth}: ResNet-{depth} with every skip off, same init and batches as shapes_resnet{depth}",
+        },
+    }
+
+
+# name -> recipe. "names" maps the trainer's net names to checkpoint names (a twin recipe gives two).
 RECIPES: dict[str, dict[str, Any]] = {
+    "shapes20": _zoo_recipe(20),
+    "fmnist20": {
+        "dataset": {"name": "fashion-mnist", "seed": 0, "train_size": 60000, "test_size": 10000, "input_size": 28},
+        "net": NetConfig(depth=20, width=16, num_classes=10, in_channels=1, input_size=28, block=BlockConfig()),
+        # no augmentation: in a short schedule crop + flip cost accuracy here (3 epochs with it: ResNet-20 91.0%,
+        # plain-20 90.9%); 469 steps per epoch, a test evaluation every 235 steps (all 10,000 test images)
+        "train": TrainConfig(epochs=5, batch_size=128, lr=0.1, schedule="onecycle", weight_decay=5e-4,
+                             seed=0, device="auto", probe_every=0, eval_every=235),
+        "twin": True,
+        "names": {"residual": "fmnist_resnet20", "plain": "fmnist_plain20"},
+        "descriptions": {
+            "residual": "ResNet-20 (width 16) on Fashion-MNIST, all 60,000 training images; twin of fmnist_plain20",
+            "plain": "Plain-20: ResNet-20 with every skip off, same init and batches as fmnist_resnet20",
+        },
+    },
+    "shapes56": _zoo_recipe(56),
+    "shapes110": _zoo_recipe(110),
     "shapes": {
         # Depth 32, not 20: on shapes plain-20 keeps up (97.0% vs ResNet-20's 98.9%, 10 epochs), while at
         # depth 32 the plain twin lags far behind (8 epochs: ResNet-32 96.2%, plain-32 51.9%; seed 0).
@@ -68,70 +126,187 @@ RECIPES: dict[str, dict[str, Any]] = {
 }
 
 
-def dataset_recipe(bundle: Any, recipe: dict[str, Any]) -> dict[str, Any]:
+def units() -> list[tuple[str, str]]:
+    """Every (recipe, net) to train, in the order the work is done: small nets first."""
+    return [(key, kind) for key, r in RECIPES.items() for kind in r["names"]]
+
+
+def fingerprint(key: str) -> str:
+    """A hash of what decides a recipe's weights (data, net, training config, seed)."""
+    r = RECIPES[key]
+    blob = json.dumps({"dataset": r["dataset"], "net": r["net"].to_dict(), "train": r["train"].to_dict(),
+                       "twin": r["twin"]}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def dataset_recipe(bundle: DatasetBundle, recipe: dict[str, Any]) -> dict[str, Any]:
     """What regenerates the data exactly (name, seed, sizes, input size) plus the bundle's info."""
     sizes = {"train_size": len(bundle.train), "test_size": len(bundle.test)}
     return {**bundle.info(), **recipe, **sizes}
 
 
-def run_recipe(key: str, out: Path) -> list[dict[str, Any]]:
-    """Train one recipe, save its checkpoints into ``out`` and return their manifest entries."""
+def load_recipe_data(key: str) -> DatasetBundle:
+    d = RECIPES[key]["dataset"]
+    return load_dataset(d["name"], seed=d["seed"], train_size=d["train_size"], test_size=d["test_size"],
+                        input_size=d["input_size"])
+
+
+def training_log(history: list[StepRecord], name: str) -> dict[str, list[float]]:
+    """At each test evaluation: mean train loss and error over the batches since the last one, test loss and error."""
+    log: dict[str, list[float]] = {"epoch": [], "train_loss": [], "train_error": [], "test_loss": [], "test_error": []}
+    losses: list[float] = []
+    errors: list[float] = []
+    for rec in history:
+        m = rec.nets.get(name)
+        if m is None:
+            continue
+        losses.append(m.loss)
+        errors.append(1.0 - m.acc)
+        if m.test_acc is not None:
+            log["epoch"].append(round(rec.epoch, 4))
+            log["train_loss"].append(sum(losses) / len(losses))
+            log["train_error"].append(sum(errors) / len(errors))
+            log["test_loss"].append(m.test_loss if m.test_loss is not None else float("nan"))
+            log["test_error"].append(1.0 - m.test_acc)
+            losses, errors = [], []
+    return log
+
+
+def train_unit(key: str, kind: str, out: Path) -> dict[str, Any]:
+    """Train one net of a recipe from its seed, save it into ``out`` and return its manifest entry."""
     r = RECIPES[key]
-    d = r["dataset"]
-    bundle = load_dataset(d["name"], seed=d["seed"], train_size=d["train_size"], test_size=d["test_size"],
-                          input_size=d["input_size"])
-    info = dataset_recipe(bundle, d)
+    bundle = load_recipe_data(key)
+    info = dataset_recipe(bundle, r["dataset"])
+    cfg: TrainConfig = r["train"]
+    nets = build_nets(r["net"], twin=r["twin"], seed=cfg.seed)  # both built: the twin shares the initial weights
+    device = resolve_device(cfg.device)
     t0 = time.perf_counter()
-    result = fit(r["net"], bundle, r["train"], twin=r["twin"])
+    result = fit({kind: nets[kind]}, bundle, cfg)
     seconds = round(time.perf_counter() - t0, 1)
     if result.status != "finished":
-        raise RuntimeError(f"{key}: training ended with status {result.status}: {result.message}")
-    entries = []
-    for net_name, ckpt_name in r["names"].items():
-        net = result.nets[net_name].cpu().eval()
-        loss, acc = evaluate(net, bundle.test, batch_size=500)  # float32 on the CPU, as the tests do
-        metrics = {"test_acc": acc, "test_loss": loss, "train_time_s": seconds, "steps": result.history[-1].step}
-        path = save_checkpoint(net, out / ckpt_name, dataset=info, metrics=metrics)
-        entries.append({
-            "name": ckpt_name, "recipe": key, "description": r["descriptions"][net_name], "kind": net_name,
-            "file": path.name, "sidecar": f"{ckpt_name}.json",
-            "twin": next((n for k, n in r["names"].items() if k != net_name), None),
-            "config": net.cfg.to_dict(), "train": r["train"].to_dict(), "dataset": info,
-            "test_acc": acc, "test_loss": loss, "train_time_s": seconds, "sha256": file_sha256(path),
-            "size_bytes": path.stat().st_size, "torch": torch.__version__, "resviz": __version__,
-        })
-        print(f"{ckpt_name}: test accuracy {acc:.4f} (loss {loss:.3f}), {seconds:.0f} s", flush=True)
-    return entries
-
-
-def write_manifest(out: Path, entries: list[dict[str, Any]]) -> Path:
-    """Write ``manifest.json``, keeping entries of current recipes that were not rerun."""
-    path = out / MANIFEST
-    old = json.loads(path.read_text()).get("checkpoints", []) if path.exists() else []
-    rerun = {e["recipe"] for e in entries}
-    merged = [e for e in old if e.get("recipe") in set(RECIPES) - rerun] + entries
-    manifest = {
-        "format": "resviz-pretrained", "version": 1, "command": "python pretrained/make_pretrained.py",
-        "generated": datetime.now(UTC).isoformat(timespec="seconds"), "torch": torch.__version__,
-        "checkpoints": sorted(merged, key=lambda e: e["name"]),
+        raise RuntimeError(f"{key}/{kind}: training ended with status {result.status}: {result.message}")
+    ckpt_name = r["names"][kind]
+    net = result.nets[kind].cpu().eval()
+    log = training_log(result.history, kind)
+    path = save_checkpoint(net, out / ckpt_name, dataset=info, metrics={"train_time_s": seconds})
+    reloaded = load_checkpoint(path)[0].eval()
+    loss, acc = evaluate(reloaded, bundle.test, batch_size=500)  # on the saved weights, float32 on the CPU
+    entry = {
+        "name": ckpt_name, "recipe": key, "fingerprint": fingerprint(key), "description": r["descriptions"][kind],
+        "kind": kind, "file": path.name, "sidecar": f"{ckpt_name}.json",
+        "twin": next((n for k, n in r["names"].items() if k != kind), None),
+        "config": net.cfg.to_dict(), "train": cfg.to_dict(), "dataset": info,
+        "test_acc": acc, "test_loss": loss, "train_time_s": seconds, "steps": result.history[-1].step,
+        "trained_on": device.type, "threads": torch.get_num_threads(), "log": log,
+        "sha256": file_sha256(path), "size_bytes": path.stat().st_size, "torch": torch.__version__, "resviz": __version__,
     }
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-    tmp.replace(path)
+    print(f"{ckpt_name}: test accuracy {acc:.4f} (loss {loss:.3f}), {seconds:.0f} s on {device.type}", flush=True)
+    return entry
+
+
+@contextlib.contextmanager
+def _locked(out: Path) -> Iterator[None]:
+    """Hold ``out``'s manifest lock: workers read, merge and write the manifest one at a time."""
+    with open(out / ".manifest.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def read_manifest(out: Path) -> dict[str, dict[str, Any]]:
+    path = out / MANIFEST
+    entries = json.loads(path.read_text()).get("checkpoints", []) if path.exists() else []
+    return {e["name"]: e for e in entries}
+
+
+def is_done(entry: dict[str, Any] | None, key: str, out: Path) -> bool:
+    """Whether a manifest entry stands for the current recipe and its weights are on disk unchanged."""
+    if entry is None or entry.get("recipe") != key:
+        return False
+    if RECIPES[key]["train"].device == "auto" and entry.get("fingerprint") != fingerprint(key):
+        return False  # the zoo recipes carry fingerprints; older entries are matched by name and sha
+    weights = out / entry["file"]
+    return weights.is_file() and file_sha256(weights) == entry.get("sha256")
+
+
+def write_manifest(out: Path, new: list[dict[str, Any]]) -> Path:
+    """Merge ``new`` entries into ``manifest.json`` (under the lock), keeping the other current nets."""
+    path = out / MANIFEST
+    with _locked(out):
+        current = {n for r in RECIPES.values() for n in r["names"].values()}
+        merged = {n: e for n, e in read_manifest(out).items() if n in current}
+        merged.update({e["name"]: e for e in new})
+        manifest = {
+            "format": "resviz-pretrained", "version": 2, "command": "python pretrained/make_pretrained.py",
+            "generated": datetime.now(UTC).isoformat(timespec="seconds"), "torch": torch.__version__,
+            "checkpoints": sorted(merged.values(), key=lambda e: e["name"]),
+        }
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        tmp.replace(path)
     return path
+
+
+def store_studies(out: Path, names: list[str]) -> None:
+    """Run each study on the zoo (``budget="zoo"``, seed 0) and store its result beside the checkpoints."""
+    import os
+
+    from resviz.experiments import STUDIES
+    from resviz.experiments.runner import run_study
+    from resviz.experiments.stored import store
+
+    os.environ["RESVIZ_PRETRAINED"] = str(out.resolve())  # the studies load the zoo from this folder
+    for name in names or list(STUDIES):
+        t0 = time.perf_counter()
+        result = run_study(name, "zoo", 0, save_figures=False)
+        path = store(result, out)
+        held = sum(c["holds"] for c in result["checks"])
+        print(f"{name}: {held}/{len(result['checks'])} checks hold, {time.perf_counter() - t0:.0f} s -> {path}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=HERE, help="output folder (default: pretrained/)")
     parser.add_argument("--only", choices=sorted(RECIPES), action="append", help="train only these recipes")
+    parser.add_argument("--worker", default="0/1", help="I/N: train every N-th pending net from the I-th (default 0/1)")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
+    parser.add_argument("--force", action="store_true", help="retrain nets that are already done")
+    parser.add_argument("--list", action="store_true", help="show which nets are done and stop")
+    parser.add_argument("--studies", nargs="*", metavar="STUDY",
+                        help="instead of training: run these studies (all when none is named) on the zoo's nets and store "
+                             "their results in <out>/studies/, where the app opens them")
     args = parser.parse_args(argv)
+    index, count = (int(v) for v in args.worker.split("/"))
     runtime.tune(threads=args.threads, keep_freed_memory=True, cudnn_benchmark=True)  # this script's process settings
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.studies is not None:
+        store_studies(args.out, args.studies)
+        return
+    done = read_manifest(args.out)
+    todo = [(k, kind) for k, kind in units() if not args.only or k in args.only]
+    pending = [(k, kind) for k, kind in todo if args.force or not is_done(done.get(RECIPES[k]["names"][kind]), k, args.out)]
+    if args.list:
+        for k, kind in todo:
+            name = RECIPES[k]["names"][kind]
+            state = "pending" if (k, kind) in pending else f"done, test accuracy {done[name]['test_acc']:.4f}"
+            print(f"{name:20s} {state}")
+        return
     t0 = time.perf_counter()
-    entries = [e for key in (args.only or list(RECIPES)) for e in run_recipe(key, args.out)]
-    print(f"wrote {write_manifest(args.out, entries)} in {time.perf_counter() - t0:.0f} s")
+    failed = []
+    for k, kind in pending[index::count]:
+        try:
+            entry = train_unit(k, kind, args.out)
+        except (RuntimeError, ValueError) as err:  # a diverged run, missing data: the other nets still train
+            print(f"{RECIPES[k]['names'][kind]}: {err}", file=sys.stderr, flush=True)
+            failed.append(RECIPES[k]["names"][kind])
+            continue
+        write_manifest(args.out, [entry])  # written per net: an interruption loses one net at most
+    print(f"worker {args.worker}: {len(pending[index::count])} nets in {time.perf_counter() - t0:.0f} s; "
+          f"manifest {args.out / MANIFEST}")
+    if failed:
+        sys.exit(f"not trained: {', '.join(failed)}")
 
 
 if __name__ == "__main__":

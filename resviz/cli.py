@@ -129,7 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("study", help="reproduce a paper's result (see --list)")
     s.add_argument("name", nargs="?")
     s.add_argument("--list", action="store_true", help="list the studies")
-    s.add_argument("--budget", default="small", choices=("small", "medium"))
+    s.add_argument("--budget", default="zoo", choices=("zoo", "small", "medium"),  # resviz.experiments.BUDGETS
+                   help="zoo (default): the converged nets in pretrained/; small, medium: train nets in the study's budget")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--set", action="append", metavar="FIELD=VALUE", help="override a config field (repeatable)")
     s.add_argument("--out", help="run directory to write (result.json, figures)")

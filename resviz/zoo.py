@@ -148,6 +148,7 @@ class ShippedModel:
     accuracy: float | None
     description: str = ""
     kind: str = ""  # "residual" or "plain" (a twin run ships both)
+    log: Mapping[str, Any] | None = field(default=None, compare=False, hash=False)  # training log, when recorded
 
 
 def pretrained_dir() -> Path:
@@ -177,7 +178,14 @@ def _manifest_entry(root: Path, e: Any) -> ShippedModel | None:
     ds = e.get("dataset")
     dataset = str(ds.get("name", "unknown") if isinstance(ds, Mapping) else ds or "unknown")
     return ShippedModel(name=str(e.get("name") or path.stem), path=path, dataset=dataset, accuracy=_accuracy(e),
-                        description=str(e.get("description", "")), kind=str(e.get("kind", "")))
+                        description=str(e.get("description", "")), kind=str(e.get("kind", "")),
+                        log=e.get("log") if isinstance(e.get("log"), Mapping) else None)
+
+
+def first_choice(models: Sequence[ShippedModel], dataset: str | None) -> int:
+    """Index of the net to open first: the smallest residual net on ``dataset`` (quick to inspect), else the first."""
+    fits = [i for i, m in enumerate(models) if m.dataset == dataset and m.kind != "plain"]
+    return min(fits, key=lambda i: (models[i].path.stat().st_size, models[i].name)) if fits else 0
 
 
 def load_shipped(model: ShippedModel) -> tuple[ResNet, ModelInfo]:

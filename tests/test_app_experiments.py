@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 from apphelpers import ROOT, TINY, app, kinds, ok
 
-from resviz.experiments.runner import run_study
+from resviz.experiments import STUDIES, stored
+from resviz.experiments.runner import run_study, study_figures
 
 PAGE = "experiments"
 
@@ -22,7 +23,9 @@ def test_page_opens_a_run_directory_written_by_the_library(tmp_path: Path, monke
     overrides = {"depths": (8, 14), "pairs": 1, "points": 8, "max_lag": 3, "width": 4}
     result = run_study("shattered", overrides=overrides, out=tmp_path / "shattered-run", save_figures=False)
     monkeypatch.setenv("RESVIZ_RUNS", str(tmp_path))
+    monkeypatch.setenv("RESVIZ_PRETRAINED", str(tmp_path / "no-zoo"))  # no stored zoo results: only the run's charts
     at = ok(app(TINY, PAGE))
+    assert any("No stored result on the converged zoo" in i.value for i in at.info)
     assert at.selectbox(key="x_run").value.name == "shattered-run"
     charts = at.get("plotly_chart")
     assert len(charts) == 2  # correlation by depth and by lag
@@ -49,3 +52,19 @@ def test_run_button_starts_a_study_that_stop_ends(tmp_path: Path, monkeypatch: p
     # refresh of the fragment must find a block, not an element: that would crash the browser's page)
     assert kinds(at.main) == running
 
+
+
+@pytest.mark.parametrize("name", list(STUDIES))
+def test_every_study_opens_with_its_stored_zoo_result_at_once(name: str) -> None:
+    result = stored.load_stored(name)
+    assert result is not None, f"pretrained/studies/{name}.json is missing: python pretrained/make_pretrained.py --studies"
+    at = ok(app(TINY, PAGE))
+    at.selectbox(key="x_study").set_value(name)
+    t0 = time.perf_counter()
+    ok(at.run())
+    assert time.perf_counter() - t0 < 3.0  # AppTest runs the script synchronously: this is the whole rerun
+    assert any(h.value == "On the converged zoo" for h in at.subheader)
+    assert len(at.get("plotly_chart")) == len(study_figures(result))
+    shown = [m.value for m in at.success] + [m.value for m in at.warning]
+    assert all(any(c["claim"] in text for text in shown) for c in result["checks"])
+    assert any(stored.command(name) in c.value for c in at.caption)

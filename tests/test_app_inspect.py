@@ -60,7 +60,8 @@ def test_default_model_shows_maps_and_predictions():
     if shipped:  # a residual net on the session's dataset comes first
         from app_pages.state import DEFAULT_DATASET
 
-        first = next((m for m in shipped if m.dataset == DEFAULT_DATASET and m.kind != "plain"), shipped[0])
+        fits = [m for m in shipped if m.dataset == DEFAULT_DATASET and m.kind != "plain"]
+        first = min(fits, key=lambda m: (m.path.stat().st_size, m.name)) if fits else shipped[0]  # the smallest
         assert any(first.name in c.value for c in at.caption)
     assert _charts(at) == 5  # top-k, F(x), S(x), F(x)+S(x) grids, magnitudes (the open tab)
     assert len(_top(at)) == 5

@@ -10,7 +10,7 @@ from streamlit.testing.v1 import AppTest
 
 PAGE = "train"
 # ResViz-8, width 4, 16x16 shapes: 500 images, batch 32, 2 epochs = 30 steps of both nets in a few seconds.
-RUN = {**TINY, "bs": "32", "nt": "500", "ep": "2"}
+RUN = {**TINY, "bs": "32", "nt": "500", "ep": "2", "ds": "shapes"}
 
 
 @pytest.fixture(autouse=True)
@@ -35,7 +35,9 @@ def test_page_renders_with_controls() -> None:
     assert set(buttons) >= {"Start", "Pause", "Resume", "Stop"}
     assert not buttons["Start"].disabled and buttons["Pause"].disabled and buttons["Stop"].disabled
     assert at.toggle(key="t_twin").value is True  # the plain twin trains alongside by default
-    assert at.selectbox(key="t_dataset").value == "shapes"
+    from app_pages.state import DEFAULT_DATASET
+
+    assert at.selectbox(key="t_dataset").value == DEFAULT_DATASET == "digits"  # the default demo's real data
     assert "auto" in at.selectbox(key="t_device").options[0]
 
 

@@ -48,7 +48,7 @@ def test_train_writes_a_complete_run_directory(tmp_path: Path) -> None:
 
 def test_study_json_equals_the_library_result_and_result_json(tmp_path: Path) -> None:
     sets = [a for k, v in SHATTERED.items() for a in ("--set", f"{k}={json.dumps(v)}")]
-    proc = _run("study", "shattered", "--seed", "3", "--json", "--out", str(tmp_path / "s"), *sets)
+    proc = _run("study", "shattered", "--budget", "small", "--seed", "3", "--json", "--out", str(tmp_path / "s"), *sets)
     assert proc.returncode == 0, proc.stderr
     printed = json.loads(proc.stdout)
     saved = json.loads((tmp_path / "s" / "result.json").read_text())
@@ -152,3 +152,14 @@ def test_old_metrics_lines_read_as_step_records_and_show_lists_their_curves(tmp_
     assert StepRecord.from_json(recs[1].to_json()) == recs[1]  # what is written now reads back the same
     code, text = _main("show", str(tmp_path))
     assert code == 0 and "residual/test_acc: 1 points, last 0.6 at step 2" in text and "lr: 2 points" in text
+
+
+def test_study_on_the_zoo_is_the_default_and_gives_the_stored_numbers() -> None:
+    from resviz.experiments import stored
+
+    saved = stored.load_stored("degradation")
+    assert saved is not None, "pretrained/studies/degradation.json is missing"
+    proc = _run("study", "degradation", "--json", "--no-figures")  # no --budget: the zoo
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert result["config"]["budget"] == "zoo" and result["rows"] == saved["rows"] and result["checks"] == saved["checks"]

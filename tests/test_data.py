@@ -288,6 +288,37 @@ def test_reachable_is_false_for_a_closed_port() -> None:
     assert time.perf_counter() - start < 2.0
 
 
+def _debian_layout(folder: Path) -> Path:
+    """The four gzipped IDX files side by side, as Debian's dataset-fashion-mnist installs them."""
+    raw = write_mnist(folder / "staging", "FashionMNIST", compress=True)
+    folder.mkdir(parents=True, exist_ok=True)
+    for gz in raw.glob("*.gz"):
+        gz.rename(folder / gz.name)
+    return folder
+
+
+def test_fashion_mnist_is_found_where_the_debian_package_installs_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    system = _debian_layout(tmp_path / "usr-share-datasets" / "fashion-mnist")
+    monkeypatch.setitem(datafiles.SYSTEM_FOLDERS, "fashion-mnist", (tmp_path / "elsewhere", system))
+    monkeypatch.setenv("RESVIZ_DATA", str(tmp_path / "empty-data-root"))
+    assert available_datasets()["fashion-mnist"] is True
+    b = load_dataset("fashion-mnist", train_size=20, test_size=10, download=False)
+    assert len(b.train) == 20 and b.classes[0] == "T-shirt/top" and any(str(system) in n for n in b.notes)
+    assert not list(system.glob("*-ubyte"))  # read in place: a system folder is never written to
+    # an explicit root means that folder only: the system copy is not used behind its back
+    with pytest.raises(DatasetUnavailable, match="dataset-fashion-mnist"):
+        load_dataset("fashion-mnist", root=tmp_path / "empty-data-root", download=False)
+
+
+def test_a_corrupt_system_copy_is_a_message(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    system = _debian_layout(tmp_path / "fashion-mnist")
+    (system / "t10k-images-idx3-ubyte.gz").write_bytes(b"not gzip at all")
+    monkeypatch.setitem(datafiles.SYSTEM_FOLDERS, "fashion-mnist", (system,))
+    monkeypatch.setenv("RESVIZ_DATA", str(tmp_path / "empty"))
+    with pytest.raises(DatasetUnavailable, match="unreadable"):
+        load_dataset("fashion-mnist", train_size=10, test_size=10, download=False)
+
+
 def test_default_root_follows_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     write_mnist(tmp_path)
     monkeypatch.setenv("RESVIZ_DATA", str(tmp_path))

@@ -8,7 +8,9 @@ Names (see :data:`DATASETS`):
 - ``digits``: scikit-learn's 1,797 real 8x8 handwritten digits, upsampled; a seeded, stratified
   80/20 split.
 - ``mnist``, ``fashion-mnist``, ``cifar10``: torchvision's files under ``root`` (default
-  ``$RESVIZ_DATA`` or ``./data``); seeded, class-balanced subsets, 5,000 / 1,000 by default.
+  ``$RESVIZ_DATA`` or ``./data``); seeded, class-balanced subsets, 5,000 / 1,000 by default. With no
+  ``root`` given, MNIST and Fashion-MNIST are also found where a system package installs them
+  (Debian's ``dataset-fashion-mnist``: ``/usr/share/datasets/fashion-mnist``).
 - ``folder:<path>`` (or ``imagefolder``/``folder`` with ``root=<path>``): one sub-folder of images
   per class, optionally under ``train/`` and ``test/``; otherwise a seeded 80/20 split per class.
 
@@ -44,7 +46,8 @@ DATASETS = {
     "shapes": "Procedural shapes (8 classes) on cluttered, noisy backgrounds; offline, with object masks.",
     "digits": "scikit-learn's 1,797 real 8x8 handwritten digits (10 classes), upsampled; offline.",
     "mnist": "MNIST handwritten digits (10 classes); needs its files under the data folder.",
-    "fashion-mnist": "Fashion-MNIST clothing pictures (10 classes); needs its files under the data folder.",
+    "fashion-mnist": "Fashion-MNIST clothing pictures (10 classes, 60,000 + 10,000 real 28x28 photos); from Debian's "
+                     "dataset-fashion-mnist package or its files under the data folder.",
     "cifar10": "CIFAR-10 small colour photos (10 classes); needs its files under the data folder.",
     "imagefolder": "Your own images, one sub-folder per class: name it 'folder:<path>'.",
 }
@@ -144,6 +147,9 @@ def load_dataset(
         return _load_folder(folder, size, train_size, test_size, seed)
     data_root = Path(root).expanduser() if root is not None else default_root()
     n_train, n_test = train_size or DEFAULT_SIZES[0], test_size or DEFAULT_SIZES[1]
+    if root is None and (system := _system_fallback(key, data_root)) is not None:
+        return _load_files(key, lambda train: files.read_idx_folder(key, system, train), size, n_train, n_test, seed,
+                           notes=[f"{files.SOURCES[key].title} read from {system}/ (a system package's copy)."])
     return _load_torchvision(key, data_root, size, n_train, n_test, seed, download)
 
 
@@ -159,7 +165,8 @@ def available_datasets(root: str | Path | None = None) -> dict[str, bool | str]:
         missing = files.missing_files(key, data_root)
         folder = data_root / src.folder
         packed = (data_root / src.archive).is_file() or all((folder / f"{m}.gz").is_file() for m in missing)
-        out[key] = True if not missing or packed else files.where_message(key, data_root, missing)
+        found = not missing or packed or (root is None and files.system_folder(key) is not None)
+        out[key] = True if found else files.where_message(key, data_root, missing)
     out["imagefolder"] = "Name a folder of your images, 'folder:<path>', with one sub-folder per class."
     return out
 
@@ -272,6 +279,15 @@ def _load_digits(size: int, n_train: int | None, n_test: int | None, seed: int) 
     )
 
 
+def _system_fallback(key: str, data_root: Path) -> Path | None:
+    """A system package's folder for ``key`` when the data root does not hold the dataset itself."""
+    if key not in files.SYSTEM_FOLDERS:
+        return None
+    src = files.SOURCES[key]
+    in_root = all((data_root / src.folder / f).is_file() or (data_root / src.folder / f"{f}.gz").is_file() for f in src.files)
+    return None if in_root else files.system_folder(key)
+
+
 def _load_torchvision(
     key: str, root: Path, size: int, n_train: int, n_test: int, seed: int, download: bool | None
 ) -> DatasetBundle:
@@ -281,13 +297,18 @@ def _load_torchvision(
         if download is False:
             raise DatasetUnavailable(files.where_message(key, root, missing))
         files.download(key, root)
+    return _load_files(key, lambda train: files.read_source(key, root, train=train), size, n_train, n_test, seed)
+
+
+def _load_files(key: str, read: Any, size: int, n_train: int, n_test: int, seed: int, **extra: Any) -> DatasetBundle:
+    """Seeded, class-balanced subsets of both splits that ``read(train)`` returns (uint8 images)."""
     _check_memory(n_train + n_test, 3 if key == "cifar10" else 1, size)
     splits = []
     for split, n in ((1, n_train), (2, n_test)):
-        x, y, classes = files.read_source(key, root, train=split == 1)
+        x, y, classes = read(split == 1)
         pick = _balanced(torch.arange(len(y)), y, n, _generator(seed, split))
         splits.append((resize(x[pick].float().div_(255), size), y[pick]))
-    return _bundle(key, splits[0], splits[1], classes)
+    return _bundle(key, splits[0], splits[1], classes, **extra)
 
 
 def _load_folder(path: Path, size: int, n_train: int | None, n_test: int | None, seed: int) -> DatasetBundle:

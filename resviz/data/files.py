@@ -81,6 +81,49 @@ SOURCES = {
 }
 
 
+# Where system packages install MNIST-style datasets as the four gzipped IDX files, side by side (Debian's
+# dataset-fashion-mnist: ``apt-get install dataset-fashion-mnist``). Searched when no data root is given.
+SYSTEM_FOLDERS: dict[str, tuple[Path, ...]] = {
+    "mnist": (Path("/usr/share/datasets/mnist"),),
+    "fashion-mnist": (Path("/usr/share/datasets/fashion-mnist"),),
+}
+_IDX_MAGIC = {3: 0x00000803, 1: 0x00000801}  # unsigned bytes, 3-d images / 1-d labels
+
+
+def system_folder(key: str) -> Path | None:
+    """The first of ``SYSTEM_FOLDERS[key]`` holding all four IDX files (gzipped or not), else None."""
+    for folder in SYSTEM_FOLDERS.get(key, ()):
+        if all((folder / name).is_file() or (folder / f"{name}.gz").is_file() for name in SOURCES[key].files):
+            return folder
+    return None
+
+
+def _read_idx(path: Path, ndim: int) -> np.ndarray:
+    """One IDX file of unsigned bytes (``path`` or ``path.gz``), read without unpacking it to disk."""
+    raw = gzip.decompress(path.with_name(path.name + ".gz").read_bytes()) if not path.is_file() else path.read_bytes()
+    magic = int.from_bytes(raw[:4], "big")
+    if magic != _IDX_MAGIC[ndim]:
+        raise ValueError(f"{path.name}: not an IDX file of {ndim}-d unsigned bytes (magic {magic:#010x})")
+    dims = [int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim)]
+    body = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
+    if body.size != int(np.prod(dims)):
+        raise ValueError(f"{path.name}: {body.size} bytes where its header promises {int(np.prod(dims))}")
+    return body.reshape(dims)
+
+
+def read_idx_folder(key: str, folder: Path, train: bool) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """One split of an MNIST-style dataset from a flat folder of IDX files (a system package's layout)."""
+    prefix = "train" if train else "t10k"
+    try:
+        x = _read_idx(folder / f"{prefix}-images-idx3-ubyte", 3)
+        y = _read_idx(folder / f"{prefix}-labels-idx1-ubyte", 1)
+    except (OSError, EOFError, ValueError) as err:  # gzip.BadGzipFile is an OSError
+        raise DatasetUnavailable(f"{SOURCES[key].title} files in {folder}/ are unreadable ({err}).") from err
+    if len(x) != len(y) or (len(y) and int(y.max()) >= 10):
+        raise DatasetUnavailable(f"{SOURCES[key].title} files in {folder}/ do not match each other.")
+    return torch.from_numpy(x.copy())[:, None], torch.from_numpy(y.astype(np.int64)), list(SOURCES[key].classes)
+
+
 def default_root() -> Path:
     """The data root: ``$RESVIZ_DATA`` when set, else ``./data``."""
     return Path(os.environ.get("RESVIZ_DATA") or "data")
@@ -100,9 +143,12 @@ def where_message(key: str, root: Path, missing: list[str]) -> str:
         how = f"Put {src.archive} (the Python version, from {src.page}) in {root}/ and ResViz unpacks it"
     else:
         how = f"Put {', '.join(src.files[:-1])} and {src.files[-1]} there (or the .gz files from {src.page})"
+    system = ""
+    if key == "fashion-mnist":
+        system = " Or install Debian's package (`apt-get install dataset-fashion-mnist`), which ResViz finds by itself."
     return (
         f"{src.title} {found} {folder}/. {how}; or load it with download=True while online. "
-        "The data folder is $RESVIZ_DATA when set, else ./data."
+        f"The data folder is $RESVIZ_DATA when set, else ./data.{system}"
     )
 
 

@@ -20,7 +20,7 @@ from resviz.config import ORDERS, NetConfig, TrainConfig
 from resviz.data.datasets import DatasetBundle, load_dataset
 from resviz.train.trainer import evaluate
 
-BUDGETS = ("small", "medium")
+BUDGETS = ("zoo", "small", "medium")  # "zoo": the converged nets shipped in pretrained/, nothing trained
 ProgressFn = Callable[[float, str], None]
 C = TypeVar("C", bound="StudyConfig")
 
@@ -60,6 +60,13 @@ class StudyConfig:
         return asdict(self)
 
 
+# The study zoo (pretrained/make_pretrained.py): CIFAR-style nets of width 16 in the original ("post") order,
+# trained to convergence on shapes at 32 px (20,000 training images of data seed 1). Studies on the zoo load
+# them instead of training; their results are stored in pretrained/studies/ (see resviz.experiments.stored).
+ZOO: dict[str, Any] = {"width": 16, "input_size": 32, "train_size": 20000, "test_size": 1000, "data_seed": 1,
+                       "order": "post", "source": "pretrained"}
+ZOO_DEPTHS = (20, 56, 110)
+
 # The training budget every study that trains shares: in one process, each net is then trained once
 # (the degradation study's depth-32 twins are the lesion and landscape studies' reference pair).
 MEDIUM_TRAINING: dict[str, Any] = {"width": 16, "input_size": 24, "train_size": 5000, "steps": 1500, "batch_size": 128}
@@ -76,9 +83,10 @@ class TrainingBudget(StudyConfig):
     steps: int = 300  # optimisation steps per net
     batch_size: int = 128
     lr: float = 0.1  # peak of the one-cycle schedule (SGD, Nesterov momentum 0.9, weight decay 5e-4)
+    data_seed: int | None = None  # seeds the data alone (None: ``seed``); the zoo's nets were trained on seed 1
 
     def data(self) -> DatasetBundle:
-        return shapes(self.input_size, self.train_size, self.test_size, self.seed)
+        return shapes(self.input_size, self.train_size, self.test_size, self.seed if self.data_seed is None else self.data_seed)
 
     def schedule(self) -> Schedule:
         return Schedule(steps=self.steps, batch_size=self.batch_size, lr=self.lr)
@@ -91,11 +99,16 @@ class TrainedStudyConfig(TrainingBudget):
     # Pre-activation blocks (He et al. 2016b) let ResNet-56 converge in a CPU budget; the original "post"
     # order needs several times more steps at 56 layers (30-40% training error after 300 steps here).
     order: str = "pre"
+    # "auto": shipped checkpoints (pretrained/) of exactly this architecture when there are, else train;
+    # "train": always train; "pretrained": shipped checkpoints or an error (the zoo budget)
+    source: str = "auto"
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.order not in ORDERS:
             raise ValueError(f"order must be one of {', '.join(ORDERS)}, got {self.order!r}")
+        if self.source not in ("auto", "train", "pretrained"):
+            raise ValueError(f"source must be 'auto', 'train' or 'pretrained', got {self.source!r}")
 
     def net(self, depth: int, num_classes: int) -> NetConfig:
         """The residual net of this budget at ``depth`` (its plain twin has the same layers, no skips)."""

@@ -15,9 +15,20 @@ from typing import Any
 import numpy as np
 import plotly.graph_objects as go
 
-from resviz.experiments.common import MEDIUM_TRAINING, Progress, TrainedStudyConfig, as_progress, check, error, smooth_curve, timer
+from resviz.experiments.common import (
+    MEDIUM_TRAINING,
+    ZOO,
+    ZOO_DEPTHS,
+    Progress,
+    TrainedStudyConfig,
+    as_progress,
+    check,
+    error,
+    smooth_curve,
+    timer,
+)
 from resviz.experiments.figures import curve_panels, lines
-from resviz.experiments.twins import train_twins
+from resviz.experiments.twins import reference_twins
 from resviz.train import distributed
 
 NAME = "degradation"
@@ -38,13 +49,39 @@ class DegradationConfig(TrainedStudyConfig):
     PRESETS = {
         "small": {},
         "medium": {**MEDIUM_TRAINING, "depths": (8, 14, 20, 32, 44, 56)},
+        "zoo": {**ZOO, "depths": ZOO_DEPTHS},  # the converged nets' training logs: nothing is trained or evaluated
     }
 
 
+def _from_logs(cfg: DegradationConfig, depth: int) -> dict[str, Any] | None:
+    """A shipped pair's errors and curves from its training logs (``pretrained/manifest.json``), if it has logs."""
+    from resviz.experiments.twins import pretrained_twins
+
+    net = cfg.net(depth, 8)  # shapes has 8 classes
+    twins = pretrained_twins(net, cfg.input_size) if cfg.source != "train" else None
+    if twins is None or not twins.logs or set(twins.logs) != {"residual", "plain"}:
+        if cfg.source == "pretrained":
+            raise ValueError(f"no shipped ResNet-{depth}/plain-{depth} pair with training logs at {cfg.input_size}px; "
+                             "run `python pretrained/make_pretrained.py` or use another budget")
+        return None
+    out: dict[str, Any] = {"depth": depth}
+    for name, log in twins.logs.items():
+        out[f"{name}_train_err"] = float(log["train_error"][-1])  # the last evaluation interval's batches
+        out[f"{name}_test_err"] = float(log["test_error"][-1])
+        out[f"{name}_final_loss"] = float(log["train_loss"][-1])
+        out[f"{name}_curve"] = (list(log["epoch"]), [float(v) for v in log["train_error"]])
+        out[f"{name}_test_curve"] = (list(log["epoch"]), [float(v) for v in log["test_error"]])
+    out["status"] = twins.source
+    return out
+
+
 def _one_depth(cfg: DegradationConfig, depth: int, progress: Progress) -> dict[str, Any]:
+    if cfg.source != "train" and (logged := _from_logs(cfg, depth)) is not None:
+        progress(1.0, f"ResNet-{depth} vs plain-{depth}: training logs")
+        return logged
     data = cfg.data()
-    twins = train_twins(cfg.net(depth, data.num_classes), data, cfg.schedule(), seed=cfg.seed,
-                        device=cfg.device, progress=progress)
+    twins = reference_twins(cfg.net(depth, data.num_classes), data, cfg.schedule(), seed=cfg.seed, source="train",
+                            device=cfg.device, progress=progress)
     train_split = (data.train.tensors[0][: cfg.train_eval], data.train.tensors[1][: cfg.train_eval])
     err = {(n, split): error(net, train_split if split == "train" else data.test)
            for n, net in twins.nets.items() for split in ("train", "test")}
@@ -93,18 +130,50 @@ def run(cfg: DegradationConfig, progress: Any = None) -> dict[str, Any]:
     mine = [d for i, d in enumerate(depths) if i % info.world_size == info.rank]
     parts = dict(zip(mine, progress.spans([float(d) for d in mine]), strict=True))
     results = distributed.sweep(depths, lambda d: _one_depth(cfg, d, parts[d]))
-    rows, curves = [], {}
+    rows, curves, test_curves = [], {}, {}
     for r in results:
         curves[r["depth"]] = {k: r.pop(f"{k}_curve") for k in ("plain", "residual")}
+        if "residual_test_curve" in r:
+            test_curves[r["depth"]] = {k: r.pop(f"{k}_test_curve") for k in ("plain", "residual")}
         status = r.pop("status")
         rows.append({**r, "paper_residual_test_err": _pct(PAPER_RESIDUAL.get(r["depth"])),
                      "paper_plain_test_err": _pct(PAPER_PLAIN.get(r["depth"])), "status": status})
     progress(1.0, "done")
-    return {"study": NAME, "title": TITLE, "paper": PAPER, "config": cfg.to_dict(), "rows": rows,
-            "curves": {str(d): c for d, c in curves.items()}, "checks": _checks(rows, cfg.reference_depth),
-            "paper_rows": [{"depth": d, "plain_test_err": _pct(PAPER_PLAIN.get(d)), "residual_test_err": _pct(e)}
-                           for d, e in PAPER_RESIDUAL.items()],
-            "source": f"trained ({cfg.steps} steps each)", "time_s": elapsed()}
+    logged = bool(test_curves)
+    checks, effects = _checks(rows, cfg.reference_depth), effect_checks(rows, cfg.test_size)
+    out = {"study": NAME, "title": TITLE, "paper": PAPER, "config": cfg.to_dict(), "rows": rows,
+           "curves": {str(d): c for d, c in curves.items()}, "checks": checks + effects if cfg.budget == "zoo" else checks,
+           "effects": effects,
+           "paper_rows": [{"depth": d, "plain_test_err": _pct(PAPER_PLAIN.get(d)), "residual_test_err": _pct(e)}
+                          for d, e in PAPER_RESIDUAL.items()],
+           "source": rows[0]["status"] if logged else f"trained ({cfg.steps} steps each)", "time_s": elapsed()}
+    if logged:
+        out["test_curves"] = {str(d): c for d, c in test_curves.items()}
+        out["curve_x"] = "epoch"
+    return out
+
+
+def _noise(err: float, n: int) -> float:
+    """The standard error of an error rate measured on ``n`` images."""
+    return float(np.sqrt(max(err * (1 - err), 1e-4) / max(n, 1)))
+
+
+def effect_checks(rows: list[dict[str, Any]], test_size: int) -> list[dict[str, Any]]:
+    """He et al.'s Fig. 6 as effect sizes: plain training error rises at every depth step, ResNet test error does not."""
+    rows = sorted(rows, key=lambda r: r["depth"])
+    plain = [r["plain_train_err"] for r in rows]
+    res = [r["residual_test_err"] for r in rows]
+    # "within noise": two standard errors of the difference of two error rates on test_size images each
+    tol = [2 * np.hypot(_noise(a, test_size), _noise(b, test_size)) for a, b in zip(res, res[1:], strict=False)]
+    return [
+        check("plain training error grows with every step in depth (He et al. Fig. 6: plain-56 > plain-20)",
+              all(b > a for a, b in zip(plain, plain[1:], strict=False)),
+              ", ".join(f"plain-{r['depth']}: {e:.1%}" for r, e in zip(rows, plain, strict=True))),
+        check("ResNet test error does not grow with depth, within noise (He et al. Table 6: 110 <= 56 <= 20)",
+              all(b <= a + t for a, b, t in zip(res, res[1:], tol, strict=False)),
+              ", ".join(f"ResNet-{r['depth']}: {e:.1%}" for r, e in zip(rows, res, strict=True))
+              + f" (noise: two standard errors on {test_size} test images, about {max(tol, default=0):.1%})"),
+    ]
 
 
 def _pct(v: float | None) -> float | None:
@@ -122,6 +191,13 @@ def figures(result: dict[str, Any]) -> dict[str, go.Figure]:
                 xaxis="depth (layers)", yaxis="error", percent=True)
     curves = result["curves"]  # keyed by depth as text; JSON files sort keys as text, so order by the rows
     panels = {name: {f"{d} layers": tuple(curves[str(d)][name]) for d in depths} for name in ("plain", "residual")}
-    training = curve_panels(panels, title="Training loss (darker = deeper), as in He et al. Fig. 6", xaxis="step",
-                          yaxis="training loss (smoothed)")
-    return {"error_by_depth": err, "training_curves": training}
+    if "test_curves" not in result:
+        training = curve_panels(panels, title="Training loss (darker = deeper), as in He et al. Fig. 6", xaxis="step",
+                                yaxis="training loss (smoothed)")
+        return {"error_by_depth": err, "training_curves": training}
+    training = curve_panels(panels, title="Training error (darker = deeper), as in He et al. Fig. 6",
+                            xaxis=result.get("curve_x", "epoch"), yaxis="training error", percent=True)
+    tests = {name: {f"{d} layers": tuple(result["test_curves"][str(d)][name]) for d in depths} for name in ("plain", "residual")}
+    testing = curve_panels(tests, title="Test error (darker = deeper)", xaxis=result.get("curve_x", "epoch"),
+                           yaxis="test error", percent=True)
+    return {"error_by_depth": err, "training_curves": training, "test_curves": testing}

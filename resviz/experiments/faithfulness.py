@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from resviz.analysis.attribution import METHODS, attribute, deletion_score, pointing_game
-from resviz.experiments.common import MEDIUM_TRAINING, Progress, TrainedStudyConfig, as_progress, check, timer
+from resviz.experiments.common import MEDIUM_TRAINING, ZOO, Progress, TrainedStudyConfig, as_progress, check, timer
 from resviz.experiments.figures import grouped_bars
 from resviz.experiments.twins import reference_twins
 from resviz.nn.scoped import eval_mode
@@ -42,13 +42,13 @@ PAPER_ROWS = [  # Petsiuk et al. 2018, ResNet-50 on ImageNet: other data and res
 @dataclass(frozen=True, kw_only=True)
 class FaithfulnessConfig(TrainedStudyConfig):
     depth: int = 20  # both twins train well at 20 layers, so their maps compare fairly
-    source: str = "auto"
     images: int = 24  # test images scored per net and method
     methods: tuple[str, ...] = (*METHODS, "random")
     curve_steps: int = 16  # points of the deletion/insertion curves
     tolerance: int = 1  # pointing-game mask growth in pixels (the paper's 15 px at 224 px is about 1 px at 16 px)
 
-    PRESETS = {"small": {}, "medium": {**MEDIUM_TRAINING, "depth": 32, "images": 100, "tolerance": 2}}
+    PRESETS = {"small": {}, "medium": {**MEDIUM_TRAINING, "depth": 32, "images": 100, "tolerance": 2},
+               "zoo": {**ZOO, "depth": 20, "images": 48, "tolerance": 2}}
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -59,7 +59,7 @@ def lines(x: Sequence[Any], series: Mapping[str, Sequence[Any]], *, title: str, 
 
 
 def curve_panels(panels: Mapping[str, Mapping[str, tuple[Sequence[float], Sequence[float]]]], *, title: str,
-                 xaxis: str, yaxis: str, log_y: bool = False) -> go.Figure:
+                 xaxis: str, yaxis: str, log_y: bool = False, percent: bool = False) -> go.Figure:
     """Side-by-side panels (e.g. plain | residual), one curve per label (e.g. depth), darker = later label."""
     names = list(panels)
     fig = make_subplots(rows=1, cols=max(1, len(names)), subplot_titles=names, shared_yaxes=True)
@@ -76,6 +76,8 @@ def curve_panels(panels: Mapping[str, Mapping[str, tuple[Sequence[float], Sequen
     fig.update_yaxes(title_text=yaxis, row=1, col=1)
     if log_y:
         fig.update_yaxes(type="log")
+    if percent:
+        fig.update_yaxes(tickformat=".0%")
     return fig
 
 

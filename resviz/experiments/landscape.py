@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from resviz.experiments.common import MEDIUM_TRAINING, Progress, TrainedStudyConfig, as_progress, check, timer
+from resviz.experiments.common import MEDIUM_TRAINING, ZOO, Progress, TrainedStudyConfig, as_progress, check, timer
 from resviz.experiments.figures import lines
 from resviz.experiments.twins import reference_twins
 from resviz.nn.scoped import perturbed, preserved
@@ -39,13 +39,13 @@ PAPER_NOTES = [  # CIFAR-10, Figs. 5 and 7: qualitative
 @dataclass(frozen=True, kw_only=True)
 class LandscapeConfig(TrainedStudyConfig):
     depth: int = 32  # the trained reference pair (shared with the lesion study and the degradation sweep)
-    source: str = "auto"
     grid: int = 13  # points per axis of the 2-D slice
     span: float = 1.0  # the slice covers [-span, span]^2 in direction units
     line_points: int = 21  # points on the init -> trained line, t in [-0.25, 1.25]
     eval_size: int = 256  # training images per loss evaluation
 
-    PRESETS = {"small": {}, "medium": {**MEDIUM_TRAINING, "depth": 56, "grid": 25, "line_points": 41, "eval_size": 1000}}
+    PRESETS = {"small": {}, "medium": {**MEDIUM_TRAINING, "depth": 56, "grid": 25, "line_points": 41, "eval_size": 1000},
+               "zoo": {**ZOO, "depth": 56}}
 
 
 def filter_normalised_direction(net: nn.Module, generator: torch.Generator) -> list[torch.Tensor]:
@@ -145,8 +145,30 @@ def run(cfg: LandscapeConfig, progress: Any = None) -> dict[str, Any]:
         part(1.0, f"{name}: interpolation")
         rows.append(_row(name, out["surface"][name], coords, cfg.span))
     progress(1.0, "done")
+    checks, effects = _checks(rows), effect_checks(rows, out["surface"]["residual"])
     return {"study": NAME, "title": TITLE, "paper": PAPER, "config": cfg.to_dict(), "rows": rows, **out,
-            "checks": _checks(rows), "paper_rows": PAPER_NOTES, "source": twins.source, "time_s": elapsed()}
+            "checks": checks + effects if cfg.budget == "zoo" else checks, "effects": effects, "paper_rows": PAPER_NOTES,
+            "source": twins.source, "time_s": elapsed()}
+
+
+CONVEXITY_RATIO = 3.0  # Li et al. Fig. 8: the plain net's map is dominated by non-convexity, the ResNet's is nearly flat
+
+
+def effect_checks(rows: list[dict[str, Any]], residual_surface: list[list[float]]) -> list[dict[str, Any]]:
+    """Li et al.'s effect sizes: how much less convex the plain slice is, and the ResNet's minimum at its centre."""
+    r, p = rows[0], rows[1]
+    a = np.asarray(residual_surface, dtype=float)
+    c = a.shape[0] // 2
+    lowest = bool(np.nanmin(a) >= a[c, c])
+    ratio = p["nonconvexity"] / r["nonconvexity"] if r["nonconvexity"] > 0 else float("inf")
+    return [
+        check(f"the plain net's slice is at least {CONVEXITY_RATIO:.0f}x less convex (Li et al. Fig. 8's "
+              "|lambda_min/lambda_max|)", ratio >= CONVEXITY_RATIO,
+              f"{p['nonconvexity']:.3f} (plain) vs {r['nonconvexity']:.3f} (residual): "
+              + ("the residual slice is convex everywhere" if ratio == float("inf") else f"{ratio:.1f}x")),
+        check("the trained ResNet sits at the lowest point of its slice", lowest,
+              f"centre {a[c, c]:.4g}, lowest {np.nanmin(a):.4g}"),
+    ]
 
 
 def _row(name: str, z: list[list[float]], coords: np.ndarray, span: float) -> dict[str, Any]:

@@ -15,7 +15,7 @@ import numpy as np
 import plotly.graph_objects as go
 from torch import nn
 
-from resviz.experiments.common import MEDIUM_TRAINING, Progress, TrainedStudyConfig, as_progress, check, timer
+from resviz.experiments.common import MEDIUM_TRAINING, ZOO, Progress, TrainedStudyConfig, as_progress, check, timer
 from resviz.experiments.figures import lines
 from resviz.experiments.twins import reference_twins
 from resviz.nn.scoped import removed, reordered
@@ -36,12 +36,15 @@ PAPER_NOTES = [  # read off Figs. 3-5 (CIFAR-10, ResNet-110 vs a 15-layer VGG); 
 @dataclass(frozen=True, kw_only=True)
 class LesionConfig(TrainedStudyConfig):
     depth: int = 20  # ResNet-20 and plain-20: in the small budget both twins train to a similar accuracy
-    source: str = "auto"  # "auto": shipped checkpoints when they match, else train; "train"; "pretrained"
     eval_size: int = 500  # test images per measurement
+    # a trained plain net to lesion beside the residual one when the same-depth plain twin cannot train (Veit et al.
+    # compare ResNet-110 with a 15-layer VGG); None: only the twin
+    plain_depth: int | None = None
     draws: int = 4  # random block sets (or swap sets) per k
     max_swaps: int = 4
 
-    PRESETS = {"small": {}, "medium": {**MEDIUM_TRAINING, "depth": 32, "eval_size": 1000, "draws": 8, "max_swaps": 6}}
+    PRESETS = {"small": {}, "medium": {**MEDIUM_TRAINING, "depth": 32, "eval_size": 1000, "draws": 8, "max_swaps": 6},
+               "zoo": {**ZOO, "depth": 110, "plain_depth": 20}}
 
 
 def accuracy(net: nn.Module, x: Any, y: Any) -> float:
@@ -116,10 +119,23 @@ def run(cfg: LesionConfig, progress: Any = None) -> dict[str, Any]:
     rows = [{"block": i, "stage": res.stage_of[i], "downsampling": res.blocks[i].stride > 1,
              "residual_acc": curves["single"]["residual"][i], "plain_acc": curves["single"]["plain"][i]}
             for i in range(len(res.blocks))]
+    reference = None
+    if cfg.plain_depth is not None and cfg.plain_depth != cfg.depth:
+        ref = reference_twins(cfg.net(cfg.plain_depth, data.num_classes), data, cfg.schedule(), seed=cfg.seed,
+                              source=cfg.source, device=cfg.device).nets["plain"]
+        single = []
+        for i in range(len(ref.blocks)):
+            with removed(ref, [i]):
+                single.append(accuracy(ref, x, y))
+        reference = {"depth": cfg.plain_depth, "intact": accuracy(ref, x, y), "single": single,
+                     "downsampling": [blk.stride > 1 for blk in ref.blocks]}
     progress(1.0, "done")
+    checks = _checks(rows, intact, curves, data.num_classes)
+    effects = effect_checks(rows, intact, curves, data.num_classes, reference)
     return {"study": NAME, "title": TITLE, "paper": PAPER, "config": cfg.to_dict(), "rows": rows, "intact": intact,
-            "chance": 1.0 / data.num_classes, "curves": curves, "checks": _checks(rows, intact, curves, data.num_classes),
-            "paper_rows": PAPER_NOTES, "source": twins.source, "time_s": elapsed()}
+            "chance": 1.0 / data.num_classes, "curves": curves, "checks": checks + effects if cfg.budget == "zoo" else checks,
+            "effects": effects, "plain_reference": reference, "paper_rows": PAPER_NOTES,
+            "source": twins.source + (f"; plain-{cfg.plain_depth} beside them" if reference else ""), "time_s": elapsed()}
 
 
 def retained(acc: float, intact: float, chance: float) -> float:
@@ -149,6 +165,55 @@ def _checks(rows: list[dict], intact: dict[str, float], curves: dict, classes: i
         check("swapping two blocks hurts the residual net less than the plain net", swap_kept["residual"] > swap_kept["plain"],
               f"one swap keeps {swap_kept['residual']:.0%} (residual) vs {swap_kept['plain']:.0%} (plain)"
               if one["residual"] is not None else "no stage has two same-shape blocks"),
+    ]
+
+
+SINGLE_COST = 0.03  # Veit et al.: deleting one block of ResNet-110 barely changes its error (Fig. 3)
+PLAIN_KEPT = 0.30  # ... while the plain net (their VGG-15) drops to chance
+
+
+def effect_checks(rows: list[dict], intact: dict[str, float], curves: dict, classes: int,
+                  reference: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """The paper's effect sizes: how much a deletion costs, not only which net loses more.
+
+    ``reference``: a trained plain net of another depth lesioned the same way (``plain_reference`` of a result);
+    the plain net's check is about it when given.
+    """
+    chance = 1 / classes
+    inner = [r for r in rows if not r["downsampling"]]
+    down = [r for r in rows if r["downsampling"]]
+
+    def cost(r: dict) -> float:
+        return intact["residual"] - r["residual_acc"]
+
+    mean_inner = float(np.mean([cost(r) for r in inner])) if inner else float("nan")
+    worst = max(rows, key=cost)
+    errors = [1 - intact["residual"], *(1 - a for a in curves["random"]["residual"])]
+    rises = np.diff(errors)
+    total = errors[-1] - errors[0]
+    smooth = bool(np.all(rises >= -0.01)) and total > 0 and float(rises.max()) <= 0.5 * total
+    if reference is not None:
+        kept = [retained(a, reference["intact"], chance)
+                for a, down_block in zip(reference["single"], reference["downsampling"], strict=True) if not down_block]
+        plain_kept, plain_intact, plain_name = float(np.mean(kept)), reference["intact"], f"plain-{reference['depth']}"
+    else:
+        plain_kept = float(np.mean([retained(r["plain_acc"], intact["plain"], chance) for r in inner])) if inner else float("nan")
+        plain_intact, plain_name = intact["plain"], "plain twin"
+    return [
+        check(f"deleting one non-downsampling block costs the residual net at most {SINGLE_COST:.0%} of accuracy on "
+              "average (Veit et al., ResNet-110 on CIFAR-10: its error barely moves)", mean_inner <= SINGLE_COST,
+              f"{mean_inner:.1%} on average over {len(inner)} blocks (worst {max(cost(r) for r in inner):.1%}); "
+              f"intact {intact['residual']:.1%}" if inner else "no non-downsampling block"),
+        check("the downsampling blocks cost the most to delete", bool(down) and worst["downsampling"]
+              and min(cost(r) for r in down) > mean_inner,
+              f"costliest: block {worst['block']} ({cost(worst):.1%}{', downsampling' if worst['downsampling'] else ''}); "
+              "downsampling blocks: " + ", ".join(f"{r['block']}: {cost(r):.1%}" for r in down)),
+        check("the residual net's error grows smoothly with the number of deleted blocks (never falls by more than a "
+              "point, no step adds more than half of the total rise)", smooth,
+              "error by blocks deleted: " + ", ".join(f"{k}: {e:.1%}" for k, e in zip([0, *curves["k"]], errors, strict=True))),
+        check(f"a trained plain net keeps at most {PLAIN_KEPT:.0%} of its above-chance accuracy after one deletion "
+              "(Veit et al.: VGG-15 falls to chance)", plain_kept <= PLAIN_KEPT,
+              f"{plain_name} keeps {plain_kept:.0%} on average (intact {plain_intact:.1%}, chance {chance:.1%})"),
     ]
 
 

@@ -20,9 +20,9 @@ import plotly.graph_objects as go
 import torch
 from torch import nn
 
-from resviz.experiments.common import MEDIUM_TRAINING, Progress, TrainedStudyConfig, as_progress, check, timer
+from resviz.experiments.common import MEDIUM_TRAINING, ZOO, ZOO_DEPTHS, Progress, TrainedStudyConfig, as_progress, check, timer
 from resviz.experiments.figures import lines
-from resviz.experiments.twins import train_twins
+from resviz.experiments.twins import reference_twins
 from resviz.nn.blocks import Scale
 from resviz.nn.merge import junctions
 from resviz.nn.scoped import eval_mode
@@ -41,7 +41,7 @@ class ResponsesConfig(TrainedStudyConfig):
     depths: tuple[int, ...] = (20, 56)
     eval_size: int = 500
 
-    PRESETS = {"small": {}, "medium": {**MEDIUM_TRAINING, "depths": (20, 56, 110)}}
+    PRESETS = {"small": {}, "medium": {**MEDIUM_TRAINING, "depths": (20, 56, 110)}, "zoo": {**ZOO, "depths": ZOO_DEPTHS}}
 
 
 def _taps(block: nn.Module) -> list[nn.Module]:
@@ -81,10 +81,10 @@ def layer_stds(net: nn.Module, x: torch.Tensor) -> list[list[float]]:
 
 def _measure(cfg: ResponsesConfig, depth: int, progress: Progress) -> dict[str, Any]:
     data = cfg.data()
-    twins = train_twins(cfg.net(depth, data.num_classes), data, cfg.schedule(), seed=cfg.seed,
-                        device=cfg.device, progress=progress)
+    twins = reference_twins(cfg.net(depth, data.num_classes), data, cfg.schedule(), seed=cfg.seed, source=cfg.source,
+                            device=cfg.device, progress=progress)
     x = data.test.tensors[0][: cfg.eval_size]
-    out: dict[str, Any] = {"depth": depth, "status": twins.status}
+    out: dict[str, Any] = {"depth": depth, "status": twins.status, "source": twins.source}
     for name, net in twins.nets.items():
         per_block = layer_stds(net, x)
         out[f"{name}_layers"] = [s for block in per_block for s in block]
@@ -105,11 +105,26 @@ def run(cfg: ResponsesConfig, progress: Any = None) -> dict[str, Any]:
                          "mean_branch_std": float(branch.mean()), "median_branch_std": float(np.median(branch)),
                          "max_branch_std": float(branch.max()), "mean_layer_std": float(layers.mean())})
     progress(1.0, "done")
+    sources = sorted({m["source"] for m in measured})
+    source = "; ".join(sources) if all(s.startswith("pretrained") for s in sources) else f"trained ({cfg.steps} steps each)"
+    checks, effects = _checks(rows), effect_checks(rows)
     series = {f"{name}-{m['depth']}": m[f"{name}_layers"] for m in measured for name in ("residual", "plain")}
     return {"study": NAME, "title": TITLE, "paper": PAPER, "config": cfg.to_dict(), "rows": rows, "layers": series,
             "branch": {f"{n}-{m['depth']}": m[f"{n}_branch"] for m in measured for n in ("residual", "plain")},
-            "checks": _checks(rows), "paper_rows": PAPER_NOTES, "source": f"trained ({cfg.steps} steps each)",
-            "time_s": elapsed()}
+            "checks": checks + effects if cfg.budget == "zoo" else checks, "effects": effects, "paper_rows": PAPER_NOTES,
+            "source": source, "time_s": elapsed()}
+
+
+def effect_checks(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """He et al. Fig. 7's ordering in full: every deeper ResNet's F(x) is smaller, and the shallowest plain net's largest."""
+    by = {r["net"]: r["mean_branch_std"] for r in rows}
+    depths = sorted({r["depth"] for r in rows})
+    chain = [f"residual-{d}" for d in reversed(depths)] + [f"plain-{depths[0]}"]
+    values = [by[n] for n in chain]
+    names = [n.replace("residual-", "ResNet-").replace("plain-", "plain-") for n in chain]
+    return [check(" < ".join(f"std F(x) {n}" for n in names) + " (He et al. Fig. 7: ResNet-110 < ResNet-56 < ResNet-20 < plain-20)",
+                  all(a < b for a, b in zip(values, values[1:], strict=False)),
+                  ", ".join(f"{n}: {v:.3f}" for n, v in zip(names, values, strict=True)))]
 
 
 def _checks(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -32,6 +32,8 @@ class Twins:
     status: str  # "finished", "diverged" or "pretrained"
     message: str = ""
     source: str = "trained"  # "trained (N steps)" or "pretrained: <names>"
+    logs: dict[str, dict[str, list[float]]] | None = None  # shipped pairs: each net's training log from the manifest
+    accuracy: dict[str, float] | None = None  # shipped pairs: each net's test accuracy from the manifest
 
 
 _CACHE: OrderedDict[str, tuple[dict, dict, str, str, str]] = OrderedDict()
@@ -109,7 +111,7 @@ def pretrained_twins(net_cfg: NetConfig, input_size: int) -> Twins | None:
     from resviz.storage.checkpoints import CheckpointError, load_checkpoint, read_meta
     from resviz.zoo import shipped_models
 
-    found: dict[str, tuple[str, Any]] = {}
+    found: dict[str, tuple[str, Any]] = {}  # role -> (name, ShippedModel)
     try:
         models = shipped_models()
     except CheckpointError:
@@ -130,7 +132,10 @@ def pretrained_twins(net_cfg: NetConfig, input_size: int) -> Twins | None:
         return None
     nets = {k: load_checkpoint(found[k][1].path)[0].eval() for k in ("residual", "plain")}
     names = ", ".join(found[k][0] for k in ("residual", "plain"))
-    return Twins(nets=nets, curves={}, status="pretrained", source=f"pretrained: {names}")
+    logs = {k: {n: list(v) for n, v in found[k][1].log.items()} for k in found if found[k][1].log}
+    accuracy = {k: found[k][1].accuracy for k in found if found[k][1].accuracy is not None}
+    return Twins(nets=nets, curves={}, status="pretrained", source=f"pretrained: {names}", logs=logs or None,
+                 accuracy=accuracy or None)
 
 
 def reference_twins(net_cfg: NetConfig, data: DatasetBundle, sched: Schedule, *, seed: int, source: str, device: str,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -32,7 +33,8 @@ def stored_results() -> dict[str, dict]:
 
 def render_experiments() -> str:
     """docs/experiments.md as ``make docs`` writes it."""
-    values = experiments.all_values(stored_results(), results.load_cpu())
+    manifest = json.loads(readme.MANIFEST.read_text(encoding="utf-8"))
+    values = experiments.all_values(stored_results(), results.load_cpu(), manifest)
     return NOTICE + fill(TEMPLATE.read_text(encoding="utf-8"), values)
 
 

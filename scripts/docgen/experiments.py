@@ -165,9 +165,47 @@ def faithfulness(r: Results) -> dict[str, str]:
             "faithfulness.paper": paper}
 
 
-def all_values(r: Results, cpu: Mapping[str, float]) -> dict[str, str]:
+STUDY_LABELS = {"degradation": "1. Degradation", "lesion": "2. Lesion", "responses": "3. Layer responses",
+                "signal": "4. Signal propagation", "landscape": "5. Loss landscape", "shattered": "6. Shattered gradients",
+                "faithfulness": "7. Attribution faithfulness"}
+
+
+def zoo(r: Results, manifest: Mapping[str, Any]) -> dict[str, str]:
+    """The converged zoo: its nets (from the manifest) and every study's checks on it, effect sizes first."""
+    nets = [e for e in manifest.get("checkpoints", []) if e.get("fingerprint")]
+    order = {"shapes": 0, "fashion-mnist": 1}
+    nets.sort(key=lambda e: (order.get(e["dataset"]["name"], 2), e["config"]["depth"], e["kind"] != "residual"))
+    rows = [(f"`{e['name']}`", e["dataset"]["name"], e["config"]["depth"], pct(e["test_acc"]),
+             pct(e["log"]["train_error"][-1]), f"{e['train']['epochs']:g} x {e['dataset']['train_size']:,}",
+             f"{e['train_time_s'] / 60:.0f} min, {e['trained_on']}") for e in nets]
+    effects = []
+    for name, label in STUDY_LABELS.items():
+        res = r[f"{name}-zoo"]
+        claims = {c["claim"] for c in res.get("effects", [])}
+        for c in sorted(res["checks"], key=lambda c: c["claim"] not in claims):
+            effects.append((label, "effect size" if c["claim"] in claims else "ordering", c["claim"], c["detail"],
+                            "yes" if c["holds"] else "**no**"))
+    held = sum(row[-1] == "yes" for row in effects)
+    land = r["landscape-zoo"]["config"]
+    by_name = {e["name"]: e for e in nets}
+    deep = max((e for e in nets if e["dataset"]["name"] == "shapes"), key=lambda e: e["config"]["depth"])
+    plain_deep = by_name.get(deep["twin"]) or deep
+    return {"zoo.nets": table(["net", "data", "depth", "test accuracy", "final training error", "epochs x images",
+                               "training"], rows),
+            "zoo.checks": table(["study", "kind", "claim (the paper's number in brackets)", "ours", "holds"], effects),
+            "zoo.held": f"{held} of {len(effects)}",
+            "zoo.landscape": f"{land['grid']} x {land['grid']} points on {land['eval_size']} training images",
+            "zoo.recipe": f"{deep['train']['epochs']:g} epochs of {deep['dataset']['train_size']:,} images "
+                          f"({deep['steps']:,} steps of batch {deep['train']['batch_size']})",
+            "zoo.plain_deep": f"{pct(plain_deep['test_acc'])} test accuracy (plain-{plain_deep['config']['depth']})",
+            "zoo.chance": pct(1 / plain_deep["config"]["num_classes"]),
+            "zoo.sources": "; ".join(f"{STUDY_LABELS[n].split('. ')[1]}: {r[f'{n}-zoo']['source']}" for n in STUDY_LABELS)}
+
+
+def all_values(r: Results, cpu: Mapping[str, float], manifest: Mapping[str, Any] | None = None) -> dict[str, str]:
     """Every placeholder of the template."""
     out = budget(r, cpu)
+    out.update(zoo(r, manifest or {}))
     for fn in (degradation, lesion, responses, signal, landscape, shattered, faithfulness):
         out.update(fn(r))
     out.update(lesion(r, "lesion-shipped"))

@@ -40,8 +40,12 @@ def marks(name: str) -> re.Pattern[str]:
 
 def pretrained_table(manifest: dict[str, Any]) -> str:
     """One row per shipped checkpoint: name, what it is, its recorded test accuracy."""
-    rows = [f"| `{c['name']}` | {c['description']} | {c['test_acc']:.1%} |" for c in manifest["checkpoints"]]
-    return "\n".join(["| checkpoint | what | test accuracy |", "|---|---|---|", *rows])
+    def trained(c: dict[str, Any]) -> str:
+        where = c.get("trained_on") or c.get("train", {}).get("device", "cpu")
+        return f"{c['train_time_s'] / 60:.1f} min on {where}" + (f", {c['threads']} thread" if c.get("threads") else "")
+
+    rows = [f"| `{c['name']}` | {c['description']} | {c['test_acc']:.1%} | {trained(c)} |" for c in manifest["checkpoints"]]
+    return "\n".join(["| checkpoint | what | test accuracy | training |", "|---|---|---|---|", *rows])
 
 
 def _replace(readme: str, name: str, text: str) -> str:

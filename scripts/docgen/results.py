@@ -20,6 +20,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "docs" / "results"
 CPU_FILE = RESULTS / "cpu.json"
+ZOO_RESULTS = ROOT / "pretrained" / "studies"
 SHIPPED = {"depth": 32, "width": 16, "input_size": 32, "order": "post", "source": "pretrained"}
 
 
@@ -32,10 +33,11 @@ class StoredRun:
     budget: str = "small"
     seed: int = 0
     overrides: dict[str, Any] = field(default_factory=dict)
+    file: Path | None = None  # the zoo's results live beside its checkpoints, not in docs/results
 
     @property
     def path(self) -> Path:
-        return RESULTS / self.key / "result.json"
+        return self.file or RESULTS / self.key / "result.json"
 
     def command(self, out: Path) -> list[str]:
         """The CLI call that produces this run's result in ``out``."""
@@ -49,6 +51,8 @@ RUNS: dict[str, StoredRun] = {
     **{name: StoredRun(name, name) for name in STUDY_NAMES},
     "lesion-shipped": StoredRun("lesion-shipped", "lesion", overrides=SHIPPED),
     "landscape-shipped": StoredRun("landscape-shipped", "landscape", overrides=SHIPPED),
+    # on the converged zoo (budget "zoo"): stored by `python pretrained/make_pretrained.py --studies`
+    **{f"{name}-zoo": StoredRun(f"{name}-zoo", name, budget="zoo", file=ZOO_RESULTS / f"{name}.json") for name in STUDY_NAMES},
 }
 
 
@@ -76,7 +80,12 @@ def refresh(keys: list[str] | None = None) -> None:
             subprocess.run(run.command(Path(tmp) / "run"), check=True, cwd=ROOT)
             used = round(_child_cpu() - before, 1)
             run.path.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(Path(tmp) / "run" / "result.json", run.path)
+            if run.budget == "zoo":  # beside the zoo's checkpoints, with the command that recomputes it
+                from resviz.experiments.stored import store
+
+                store(json.loads((Path(tmp) / "run" / "result.json").read_text(encoding="utf-8")), run.path.parents[1])
+            else:
+                shutil.copyfile(Path(tmp) / "run" / "result.json", run.path)
         print(f"{key}: {used:.0f} s CPU, {time.perf_counter() - t0:.0f} s wall", flush=True)
         cpu = {**load_cpu(), key: used}  # read again: another refresh may have stored its runs meanwhile
         CPU_FILE.write_text(json.dumps(dict(sorted(cpu.items())), indent=2) + "\n", encoding="utf-8")

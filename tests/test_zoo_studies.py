@@ -1,0 +1,127 @@
+"""Studies on a zoo: the zoo budget loads shipped nets (never trains), reads their logs, and checks the papers' effect sizes.
+
+A tiny zoo (ResNet/plain 8 and 14, width 4, 16 px) is built here by ``pretrained/make_pretrained.py`` itself,
+so the path the real zoo takes (train per net, manifest with logs, studies on the zoo, stored results) runs
+end to end in seconds.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from resviz import BlockConfig, NetConfig, TrainConfig
+from resviz.experiments import degradation, landscape, lesion, responses, stored
+from resviz.experiments.runner import run_study
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = {"width": 4, "input_size": 16, "train_size": 512, "test_size": 128}
+
+
+@pytest.fixture(scope="module")
+def tiny_zoo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    sys.path.insert(0, str(ROOT / "pretrained"))
+    import make_pretrained as mp
+
+    out = tmp_path_factory.mktemp("zoo")
+    saved = dict(mp.RECIPES)
+    try:
+        mp.RECIPES.clear()
+        for depth in (8, 14):
+            r = mp._zoo_recipe(depth)
+            r["dataset"] = {"name": "shapes", "seed": 1, "train_size": TINY["train_size"], "test_size": TINY["test_size"],
+                            "input_size": 16}
+            r["net"] = NetConfig(depth=depth, width=4, num_classes=8, input_size=16, block=BlockConfig())
+            r["train"] = TrainConfig(epochs=2, batch_size=64, lr=0.1, seed=depth, device="auto", probe_every=0,
+                                     eval_every=4, augment=True)
+            mp.RECIPES[f"tiny{depth}"] = r
+        mp.main(["--out", str(out)])
+        mp.main(["--out", str(out)])  # resumable: a second run finds every net done and trains nothing
+    finally:
+        mp.RECIPES.clear()
+        mp.RECIPES.update(saved)
+    return out
+
+
+@pytest.fixture
+def zoo_env(tiny_zoo: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("RESVIZ_PRETRAINED", str(tiny_zoo))
+    return tiny_zoo
+
+
+def test_make_pretrained_writes_each_net_once_with_its_log(tiny_zoo: Path) -> None:
+    import json
+
+    entries = {e["name"]: e for e in json.loads((tiny_zoo / "manifest.json").read_text())["checkpoints"]}
+    assert set(entries) == {"shapes_resnet8", "shapes_plain8", "shapes_resnet14", "shapes_plain14"}
+    for e in entries.values():
+        log = e["log"]
+        assert len(log["epoch"]) == 4 and log["epoch"][-1] == pytest.approx(2.0)  # 8 steps, an evaluation every 4... and at the end
+        assert 1 - log["test_error"][-1] == pytest.approx(e["test_acc"], abs=1e-6)
+
+
+def test_degradation_on_the_zoo_reads_the_logs_and_checks_the_effect_sizes(zoo_env: Path) -> None:
+    result = run_study("degradation", "zoo", overrides={**TINY, "depths": (8, 14)}, save_figures=False)
+    assert result["source"].startswith("pretrained") and result["test_curves"] and result["curve_x"] == "epoch"
+    rows = sorted(result["rows"], key=lambda r: r["depth"])
+    effects = {c["claim"]: c["holds"] for c in result["effects"]}
+    plain_rises = rows[1]["plain_train_err"] > rows[0]["plain_train_err"]
+    assert effects[next(k for k in effects if k.startswith("plain training error grows"))] == plain_rises
+    assert all(c in result["checks"] for c in result["effects"])  # the zoo budget checks the effect sizes too
+    assert set(degradation.figures(result)) == {"error_by_depth", "training_curves", "test_curves"}
+
+
+def test_lesion_and_responses_on_the_zoo_use_the_shipped_nets(zoo_env: Path) -> None:
+    res = run_study("lesion", "zoo", overrides={**TINY, "depth": 14, "plain_depth": None, "draws": 2, "max_swaps": 2},
+                    save_figures=False)
+    assert res["source"] == "pretrained: shapes_resnet14, shapes_plain14"
+    inner = [r for r in res["rows"] if not r["downsampling"]]
+    mean_cost = np.mean([res["intact"]["residual"] - r["residual_acc"] for r in inner])
+    assert res["effects"][0]["holds"] == (mean_cost <= lesion.SINGLE_COST)
+    with_ref = run_study("lesion", "zoo", overrides={**TINY, "depth": 14, "plain_depth": 8, "draws": 2, "max_swaps": 2},
+                         save_figures=False)
+    ref = with_ref["plain_reference"]
+    assert ref["depth"] == 8 and len(ref["single"]) == 3 and with_ref["rows"] == res["rows"]  # the twins' rows as before
+    assert "plain-8 keeps" in with_ref["effects"][-1]["detail"]
+    resp = run_study("responses", "zoo", overrides={**TINY, "depths": (8, 14)}, save_figures=False)
+    by = {r["net"]: r["mean_branch_std"] for r in resp["rows"]}
+    chain = [by["residual-14"], by["residual-8"], by["plain-8"]]
+    assert resp["effects"][0]["holds"] == (chain[0] < chain[1] < chain[2])
+
+
+def test_the_zoo_budget_never_trains(zoo_env: Path) -> None:
+    with pytest.raises(ValueError, match="no shipped"):
+        run_study("lesion", "zoo", overrides={**TINY, "depth": 20}, save_figures=False)  # no such net in this zoo
+
+
+def test_landscape_effect_checks() -> None:
+    bowl = [[x * x + y * y for x in range(-2, 3)] for y in range(-2, 3)]
+    saddle = [[x * x - y * y for x in range(-2, 3)] for y in range(-2, 3)]
+    rows = [{"nonconvexity": landscape.nonconvexity(bowl)}, {"nonconvexity": landscape.nonconvexity(saddle)}]
+    held = [c["holds"] for c in landscape.effect_checks(rows, bowl)]
+    assert held == [True, True]  # a convex bowl with its minimum at the centre vs a saddle
+    shifted = [[(x - 1) ** 2 + y * y for x in range(-2, 3)] for y in range(-2, 3)]
+    assert landscape.effect_checks(rows, shifted)[1]["holds"] is False
+
+
+def test_responses_effect_check_orders_the_whole_chain() -> None:
+    rows = [{"net": "residual-20", "depth": 20, "mean_branch_std": 0.5}, {"net": "plain-20", "depth": 20, "mean_branch_std": 0.9},
+            {"net": "residual-56", "depth": 56, "mean_branch_std": 0.4}, {"net": "plain-56", "depth": 56, "mean_branch_std": 0.1}]
+    assert responses.effect_checks(rows)[0]["holds"] is True
+    rows[2]["mean_branch_std"] = 0.6
+    assert responses.effect_checks(rows)[0]["holds"] is False
+
+
+def test_stored_results_round_trip_and_only_zoo_results_are_stored(tmp_path: Path, zoo_env: Path) -> None:
+    result = run_study("degradation", "zoo", overrides={**TINY, "depths": (8, 14)}, save_figures=False)
+    path = stored.store(result, tmp_path)
+    assert path == tmp_path / "studies" / "degradation.json"
+    back = stored.load_stored("degradation", tmp_path)
+    assert back["rows"] == result["rows"] and back["command"] == stored.command("degradation")
+    assert stored.load_stored("lesion", tmp_path) is None
+    small = {**result, "config": {**result["config"], "budget": "small"}}
+    with pytest.raises(ValueError, match="zoo"):
+        stored.store(small, tmp_path)
