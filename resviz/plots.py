@@ -123,8 +123,8 @@ def _finish(fig: go.Figure, message: str = "no data yet") -> go.Figure:
 
 
 # -- architecture --------------------------------------------------------------------------------
-ARCH_MAX_BOXES = 30  # more blocks than this and each stage collapses into one box of per-block cells
-ARCH_MAX_LABELS = 12  # block labels at most: at 500 px wide, 40 px apart (they never overlap)
+ARCH_MAX_BOXES = 20  # more blocks than this and each stage collapses into one box of per-block cells
+ARCH_MAX_LABELS = 10  # block labels at most: at 450 px wide, 45 px apart (they never overlap)
 
 
 def _block_hover(i: int, b: Mapping[str, Any]) -> str:
