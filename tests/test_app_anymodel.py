@@ -150,7 +150,7 @@ def test_design_any_architecture_mode() -> None:
 
 
 def test_train_a_discovered_model_next_to_its_twin() -> None:
-    at = ok(app({"bs": "32", "nt": "500", "ep": "1", "opt": "adamw", "lr": "0.003"}, "train"))
+    at = ok(app({"bs": "32", "nt": "500", "ep": "1", "opt": "adamw", "lr": "0.003", "ds": "shapes"}, "train"))
     at.radio(key="t_what").set_value("any")
     _run(at)
     at.selectbox(key="t_any_preset").set_value("small-convnext")
