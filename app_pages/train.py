@@ -45,7 +45,7 @@ def _dataset_widget() -> tuple[str, str]:
     st.caption(DATASETS.get(name, ""))
     missing = {k: why for k, why in avail.items() if why is not True and k != FOLDER}
     if missing:
-        with st.expander("Why are some datasets missing?"):
+        with st.popover("Why are some datasets missing?"):
             for k, why in missing.items():
                 st.markdown(f"**{k}**: {why}")
     folder = st.text_input("Image folder", key="t_folder", help=HELP["folder"]) if name == FOLDER else ""
@@ -336,12 +336,19 @@ def _what_widget() -> str | None:
 
 def render() -> None:
     st.title("Train the residual net and its plain twin")
-    preset = _what_widget()
-    dataset, folder = _dataset_widget()
-    cfg, twin, train_size = _settings()
+    job_list = jobs.session_jobs()
+    # once this session has a run, the settings fold away so that its result (residual vs plain) is above the fold
+    with st.expander("Settings: what to train, data, optimisation", expanded=not job_list, icon=":material/tune:"):
+        preset = _what_widget()
+        dataset, folder = _dataset_widget()
+        cfg, twin, train_size = _settings()
+    if job_list:
+        twin_text = " beside its plain twin" if twin else ""
+        what = anymodel.PRESETS[preset].label if preset else f"ResNet-{state.net_config().depth}"
+        st.caption(f"Next run: {what}{twin_text} on {dataset}, {cfg.epochs:g} epochs of "
+                   f"batch {cfg.batch_size}, lr {cfg.lr:g} ({cfg.optimizer}); open the settings to change them.")
     state.set_train_config(cfg, dataset, twin=twin, train_size=train_size, folder=folder)
     _controls(jobs.active_job(), (dataset, folder, cfg, twin, train_size, preset))
-    job_list = jobs.session_jobs()
     job = _pick_run(job_list)
     if job is None:
         st.info("Press Start to train: progress and speed appear here while the run goes.")
