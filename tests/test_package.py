@@ -96,7 +96,9 @@ def test_wheel_carries_the_library_the_app_and_the_checkpoints(wheel: Path) -> N
     assert {"app.py", *(f"app_pages/{p.name}" for p in (ROOT / "app_pages").glob("*.py"))} <= names
     assert config == (ROOT / ".streamlit" / "config.toml").read_text()
     shipped = {f"resviz/pretrained/{p.name}" for p in (ROOT / "pretrained").iterdir() if p.suffix in (".json", ".safetensors")}
+    studies = {f"resviz/pretrained/studies/{p.name}" for p in (ROOT / "pretrained" / "studies").glob("*.json")}
     assert len(manifest["checkpoints"]) >= 1 and shipped <= names
+    assert studies and studies <= names  # the zoo's stored study results: the installed Experiments page opens with them
 
 
 def test_resviz_app_serves_the_checkout_app_with_its_streamlit_settings() -> None:
