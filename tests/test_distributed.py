@@ -102,7 +102,7 @@ def test_sweep_over_two_processes_gathers_the_same_result(tmp_path: Path) -> Non
 
     sets = ["depths=[8,14]", "steps=3", "width=4", "train_size=128", "test_size=32", "train_eval=32"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
-           "-m", "resviz", "--threads", "1", "--quiet", "study", "degradation", "--json", "--no-figures",
+           "-m", "resviz", "--threads", "1", "--quiet", "study", "degradation", "--budget", "small", "--json", "--no-figures",
            *[a for s in sets for a in ("--set", s)]]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     overrides = {"depths": (8, 14), "steps": 3, "width": 4, "train_size": 128, "test_size": 32, "train_eval": 32}

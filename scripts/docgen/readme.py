@@ -41,6 +41,8 @@ def marks(name: str) -> re.Pattern[str]:
 def pretrained_table(manifest: dict[str, Any]) -> str:
     """One row per shipped checkpoint: name, what it is, its recorded test accuracy."""
     def trained(c: dict[str, Any]) -> str:
+        if c.get("train_time_s") is None:
+            return "-"
         where = c.get("trained_on") or c.get("train", {}).get("device", "cpu")
         return f"{c['train_time_s'] / 60:.1f} min on {where}" + (f", {c['threads']} thread" if c.get("threads") else "")
 
