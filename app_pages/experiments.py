@@ -16,6 +16,7 @@ import streamlit as st
 
 from app_pages import jobs
 from app_pages.charts import show_chart
+from resviz import plots
 from resviz.experiments import BUDGETS, STUDIES, stored
 from resviz.experiments.runner import StudyJob, study_figures
 from resviz.jobs import JobLimitError
@@ -57,6 +58,17 @@ def _flat(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{k: v for k, v in r.items() if not isinstance(v, (list, dict))} for r in rows]
 
 
+def shown_figures(result: dict[str, Any], *, three_d: bool = False) -> dict[str, Any]:
+    """The figures the page shows for a result: the study's own, with loss slices as one contour map unless ``three_d``."""
+    figs = study_figures(result)
+    if three_d or "surface" not in result:
+        return figs
+    flat = {name: fig for name, fig in figs.items() if not any(t.type == "surface" for t in fig.data)}
+    contours = plots.loss_contours_figure(result["surface"], alphas=result["alphas"], betas=result["alphas"],
+                                          title="Loss slices around the trained weights, seen from above (log10 training loss)")
+    return {"contours": contours, **flat}
+
+
 def show_result(result: dict[str, Any], key: str) -> None:
     """Checks, our table beside the paper's, and every figure of a study result."""
     st.caption(f"{result['paper']} · nets: {result.get('source', '')} · {result.get('time_s', 0):.0f} s")
@@ -68,7 +80,11 @@ def show_result(result: dict[str, Any], key: str) -> None:
     ours.dataframe(_flat(result["rows"]), hide_index=True, key=f"{key}_rows")
     paper.markdown("**The paper**")
     paper.dataframe(_flat(result.get("paper_rows", [])), hide_index=True, key=f"{key}_paper")
-    for name, fig in study_figures(result).items():
+    three_d = False
+    if "surface" in result:  # a browser without a GPU takes seconds to draw a 3-D surface: contours first
+        three_d = st.toggle("Show the slices as 3-D surfaces", key=f"{key}_3d",
+                            help="The same loss slices as rotatable 3-D surfaces (slow to draw without a GPU).")
+    for name, fig in shown_figures(result, three_d=three_d).items():
         show_chart(fig, f"{key}_{name}")
     st.download_button("Download result.json", json.dumps(result, indent=2, sort_keys=True), file_name=f"{result['study']}.json",
                        mime="application/json", key=f"{key}_download")

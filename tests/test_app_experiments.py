@@ -9,9 +9,15 @@ import pytest
 from apphelpers import ROOT, TINY, app, kinds, ok
 
 from resviz.experiments import STUDIES, stored
-from resviz.experiments.runner import run_study, study_figures
+from resviz.experiments.runner import run_study
 
 PAGE = "experiments"
+
+
+def shown_figures(result: dict) -> dict:
+    from app_pages.experiments import shown_figures as shown
+
+    return shown(result)
 
 
 @pytest.fixture(autouse=True)
@@ -64,7 +70,7 @@ def test_every_study_opens_with_its_stored_zoo_result_at_once(name: str) -> None
     ok(at.run())
     assert time.perf_counter() - t0 < 3.0  # AppTest runs the script synchronously: this is the whole rerun
     assert any(h.value == "On the converged zoo" for h in at.subheader)
-    assert len(at.get("plotly_chart")) == len(study_figures(result))
+    assert len(at.get("plotly_chart")) == len(shown_figures(result))
     shown = [m.value for m in at.success] + [m.value for m in at.warning]
     assert all(any(c["claim"] in text for text in shown) for c in result["checks"])
     assert any(stored.command(name) in c.value for c in at.caption)

@@ -7,8 +7,8 @@ import time
 import pytest
 from e2ehelpers import PLOT, assert_no_exception, error_texts, open_page, page_url, poll, screenshot, wait_idle
 
+from app_pages.experiments import shown_figures
 from resviz.experiments import STUDIES, stored
-from resviz.experiments.runner import study_figures
 
 pytestmark = pytest.mark.browser
 LIMIT_S = 3.0
@@ -26,7 +26,7 @@ def test_every_study_shows_its_zoo_result_within_3_s(server, page) -> None:
     for name, study in STUDIES.items():
         result = stored.load_stored(name)
         assert result is not None, name
-        charts = len(study_figures(result))
+        charts = len(shown_figures(result))
         t0 = time.perf_counter()
         if name != next(iter(STUDIES)):
             _choose(page, study.title)
