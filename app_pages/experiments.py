@@ -16,7 +16,6 @@ import streamlit as st
 
 from app_pages import jobs
 from app_pages.charts import show_chart
-from resviz import plots
 from resviz.experiments import BUDGETS, STUDIES, stored
 from resviz.experiments.runner import StudyJob, study_figures
 from resviz.jobs import JobLimitError
@@ -58,19 +57,19 @@ def _flat(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{k: v for k, v in r.items() if not isinstance(v, (list, dict))} for r in rows]
 
 
-def shown_figures(result: dict[str, Any], *, three_d: bool = False) -> dict[str, Any]:
-    """The figures the page shows for a result: the study's own, with loss slices as one contour map unless ``three_d``."""
-    figs = study_figures(result)
-    if three_d or "surface" not in result:
+def shown_figures(result: dict[str, Any], figures: dict[str, Any] | None = None, *, three_d: bool = False) -> dict[str, Any]:
+    """The figures the page shows for a result (``figures``: already built by the study): loss slices as one
+    contour map, or as the 3-D surfaces when ``three_d``."""
+    figs = study_figures(result) if figures is None else figures
+    if "contours" not in figs:
         return figs
-    flat = {name: fig for name, fig in figs.items() if not any(t.type == "surface" for t in fig.data)}
-    contours = plots.loss_contours_figure(result["surface"], alphas=result["alphas"], betas=result["alphas"],
-                                          title="Loss slices around the trained weights, seen from above (log10 training loss)")
-    return {"contours": contours, **flat}
+    if three_d:
+        return {name: fig for name, fig in figs.items() if name != "contours"}
+    return {name: fig for name, fig in figs.items() if not any(t.type == "surface" for t in fig.data)}
 
 
-def show_result(result: dict[str, Any], key: str) -> None:
-    """Checks, our table beside the paper's, and every figure of a study result."""
+def show_result(result: dict[str, Any], key: str, figures: dict[str, Any] | None = None) -> None:
+    """Checks, our table beside the paper's, and every figure of a study result (``figures``: already built)."""
     st.caption(f"{result['paper']} · nets: {result.get('source', '')} · {result.get('time_s', 0):.0f} s")
     for c in result.get("checks", []):
         box = st.success if c["holds"] else st.warning
@@ -80,11 +79,12 @@ def show_result(result: dict[str, Any], key: str) -> None:
     ours.dataframe(_flat(result["rows"]), hide_index=True, key=f"{key}_rows")
     paper.markdown("**The paper**")
     paper.dataframe(_flat(result.get("paper_rows", [])), hide_index=True, key=f"{key}_paper")
+    figures = study_figures(result) if figures is None else figures
     three_d = False
-    if "surface" in result:  # a browser without a GPU takes seconds to draw a 3-D surface: contours first
+    if "contours" in figures:  # a browser without a GPU takes seconds to draw a 3-D surface: contours first
         three_d = st.toggle("Show the slices as 3-D surfaces", key=f"{key}_3d",
                             help="The same loss slices as rotatable 3-D surfaces (slow to draw without a GPU).")
-    for name, fig in shown_figures(result, three_d=three_d).items():
+    for name, fig in shown_figures(result, figures, three_d=three_d).items():
         show_chart(fig, f"{key}_{name}")
     st.download_button("Download result.json", json.dumps(result, indent=2, sort_keys=True), file_name=f"{result['study']}.json",
                        mime="application/json", key=f"{key}_download")
@@ -162,7 +162,7 @@ def _stored(name: str, mtime: float) -> tuple[dict[str, Any] | None, dict[str, A
 
 def _show_stored(name: str) -> None:
     """The study's result on the converged zoo, stored beside the checkpoints: on screen at once."""
-    result, _ = _stored(name, _stored_mtime(name))
+    result, figures = _stored(name, _stored_mtime(name))
     if result is None:
         st.info(f"No stored result on the converged zoo for this study yet. `python pretrained/make_pretrained.py "
                 f"--studies {name}` computes it (after the zoo's nets); or run the study below.")
@@ -170,7 +170,7 @@ def _show_stored(name: str) -> None:
     st.subheader("On the converged zoo")
     st.caption(f"Stored result of `{stored.command(name)}` (which recomputes it; "
                f"`python pretrained/make_pretrained.py --studies {name}` stores it again).")
-    show_result(result, key=f"x_zoo_{name}")
+    show_result(result, key=f"x_zoo_{name}", figures=figures)
 
 
 def render() -> None:

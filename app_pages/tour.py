@@ -143,11 +143,7 @@ def _step_landscape() -> None:
         return
     result, figs = found
     view = st.segmented_control("View", LANDSCAPE_VIEWS, default=LANDSCAPE_VIEWS[0], key="tour_land") or LANDSCAPE_VIEWS[0]
-    if view == LANDSCAPE_VIEWS[0]:
-        surfaces = {n: result["surface"][n] for n in ("residual", "plain") if n in result["surface"]}
-        fig = plots.loss_contours_figure(surfaces, alphas=result["alphas"], betas=result["alphas"])
-    else:
-        fig = figs[f"surface_{view.removeprefix('3-D: ')}"]
+    fig = figs["contours"] if view == LANDSCAPE_VIEWS[0] else figs[f"surface_{view.removeprefix('3-D: ')}"]
     show_chart(fig, "tour_land_fig")
     rows = {r.get("net"): r for r in result.get("rows", [])}
     measured = ""

@@ -23,7 +23,7 @@ from resviz.experiments.common import MEDIUM_TRAINING, ZOO, Progress, TrainedStu
 from resviz.experiments.figures import lines
 from resviz.experiments.twins import reference_twins
 from resviz.nn.scoped import perturbed, preserved
-from resviz.plots import loss_landscape_figure
+from resviz.plots import loss_contours_figure, loss_landscape_figure
 from resviz.train.trainer import build_nets
 
 NAME = "landscape"
@@ -196,6 +196,10 @@ def figures(result: dict[str, Any]) -> dict[str, go.Figure]:
     out = {f"surface_{n}": loss_landscape_figure(result["surface"][n], alphas=a, betas=a,
                                                  title=f"Loss landscape of the {n} net (log10 training loss)")
            for n in ("residual", "plain")}
+    # both slices seen from above on one colour scale: what the app opens with (a 3-D surface is slow to draw without a GPU)
+    out["contours"] = loss_contours_figure({n: result["surface"][n] for n in ("residual", "plain") if n in result["surface"]},
+                                           alphas=a, betas=a,
+                                           title="Loss slices around the trained weights, seen from above (log10 training loss)")
     out["interpolation"] = lines(result["ts"], result["line"], log_y=True, xaxis="t (0: initialisation, 1: trained)",
                                  title="Training loss from the initial to the trained weights", yaxis="training loss")
     return out
