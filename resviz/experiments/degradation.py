@@ -146,7 +146,7 @@ def run(cfg: DegradationConfig, progress: Any = None) -> dict[str, Any]:
            "effects": effects,
            "paper_rows": [{"depth": d, "plain_test_err": _pct(PAPER_PLAIN.get(d)), "residual_test_err": _pct(e)}
                           for d, e in PAPER_RESIDUAL.items()],
-           "source": rows[0]["status"] if logged else f"trained ({cfg.steps} steps each)", "time_s": elapsed()}
+           "source": "; ".join(r["status"] for r in rows) if logged else f"trained ({cfg.steps} steps each)", "time_s": elapsed()}
     if logged:
         out["test_curves"] = {str(d): c for d, c in test_curves.items()}
         out["curve_x"] = "epoch"
