@@ -86,6 +86,8 @@ def test_lesion_and_responses_on_the_zoo_use_the_shipped_nets(zoo_env: Path) -> 
     ref = with_ref["plain_reference"]
     assert ref["depth"] == 8 and len(ref["single"]) == 3 and with_ref["rows"] == res["rows"]  # the twins' rows as before
     assert "plain-8 keeps" in with_ref["effects"][-1]["detail"]
+    assert ref["one_swap"] is None  # one block per stage: nothing to swap, so the swap check keeps the twin
+    assert with_ref["checks"][3]["detail"] == res["checks"][3]["detail"]
     resp = run_study("responses", "zoo", overrides={**TINY, "depths": (8, 14)}, save_figures=False)
     by = {r["net"]: r["mean_branch_std"] for r in resp["rows"]}
     chain = [by["residual-14"], by["residual-8"], by["plain-8"]]
@@ -125,3 +127,24 @@ def test_stored_results_round_trip_and_only_zoo_results_are_stored(tmp_path: Pat
     small = {**result, "config": {**result["config"], "budget": "small"}}
     with pytest.raises(ValueError, match="zoo"):
         stored.store(small, tmp_path)
+
+
+def test_deletion_counts_step_by_one_then_spread_to_all_but_one_block() -> None:
+    assert lesion.deletion_counts(9) == [1, 2, 3, 4, 5, 6, 7, 8]
+    ks = lesion.deletion_counts(54)
+    assert ks[:10] == list(range(1, 11)) and ks[-1] == 53 and ks == sorted(set(ks)) and len(ks) == 16
+
+
+def test_lesion_swap_check_uses_the_trained_plain_reference() -> None:
+    rows = [{"block": i, "stage": 0, "downsampling": i == 0, "residual_acc": 0.9, "plain_acc": 0.125} for i in range(4)]
+    intact = {"residual": 0.95, "plain": 0.125}  # the plain twin never left chance
+    curves = {"k": [1, 2, 3], "random": {"residual": [0.9, 0.7, 0.5]},
+              "reorder": {"residual": [0.9], "plain": [0.125]}}
+    reference = {"depth": 20, "intact": 0.97, "single": [0.3, 0.4, 0.2], "downsampling": [False, True, False],
+                 "one_swap": 0.5}
+    swap = {c["claim"]: c for c in lesion._checks(rows, intact, curves, 8, reference)}[
+        "swapping two blocks hurts the residual net less than the plain net"]
+    assert swap["holds"] and "(plain-20)" in swap["detail"] and "nothing to lose" not in swap["detail"]
+    twin_only = {c["claim"]: c for c in lesion._checks(rows, intact, curves, 8)}[
+        "swapping two blocks hurts the residual net less than the plain net"]
+    assert not twin_only["holds"] and "nothing to lose" in twin_only["detail"]
