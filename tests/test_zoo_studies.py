@@ -148,3 +148,18 @@ def test_lesion_swap_check_uses_the_trained_plain_reference() -> None:
     twin_only = {c["claim"]: c for c in lesion._checks(rows, intact, curves, 8)}[
         "swapping two blocks hurts the residual net less than the plain net"]
     assert not twin_only["holds"] and "nothing to lose" in twin_only["detail"]
+
+
+def test_branch_scales_are_the_scales_of_the_norm_that_ends_each_branch() -> None:
+    import torch
+
+    from resviz.nn.models import build_net
+
+    net = build_net(NetConfig(depth=8, width=4, num_classes=3, input_size=8, block=BlockConfig(order="post")))
+    for i, blk in enumerate(net.blocks):
+        norm = responses._taps(blk)[-1]
+        with torch.no_grad():
+            norm.weight.fill_(0.5 + i)
+    assert responses.branch_scales(net) == pytest.approx([0.5, 1.5, 2.5])
+    pre = build_net(NetConfig(depth=8, width=4, num_classes=3, input_size=8, block=BlockConfig(order="pre")))
+    assert all(np.isnan(v) for v in responses.branch_scales(pre))  # F(x) ends in a conv there, not in a norm

@@ -79,6 +79,20 @@ def layer_stds(net: nn.Module, x: torch.Tensor) -> list[list[float]]:
     return stds
 
 
+def branch_scales(net: nn.Module) -> list[float]:
+    """Per block, the RMS scale (|gamma|) of the norm whose output is F(x); NaN where F(x) ends in no affine norm.
+
+    In eval mode a norm's output std is about its scale, so this is what the std of F(x) is made of.
+    """
+    out = []
+    for j in junctions(net):
+        tap = _taps(j.block)[-1]
+        w = getattr(tap, "weight", None)
+        out.append(float(w.detach().float().pow(2).mean().sqrt()) if isinstance(tap, (nn.BatchNorm2d, nn.GroupNorm))
+                   and w is not None else float("nan"))
+    return out
+
+
 def _measure(cfg: ResponsesConfig, depth: int, progress: Progress) -> dict[str, Any]:
     data = cfg.data()
     twins = reference_twins(cfg.net(depth, data.num_classes), data, cfg.schedule(), seed=cfg.seed, source=cfg.source,
@@ -89,6 +103,7 @@ def _measure(cfg: ResponsesConfig, depth: int, progress: Progress) -> dict[str, 
         per_block = layer_stds(net, x)
         out[f"{name}_layers"] = [s for block in per_block for s in block]
         out[f"{name}_branch"] = [block[-1] for block in per_block]  # F(x) just before the addition
+        out[f"{name}_scale"] = branch_scales(net)
     return out
 
 
@@ -103,7 +118,8 @@ def run(cfg: ResponsesConfig, progress: Any = None) -> dict[str, Any]:
             branch, layers = np.asarray(m[f"{name}_branch"]), np.asarray(m[f"{name}_layers"])
             rows.append({"net": f"{name}-{m['depth']}", "depth": m["depth"], "blocks": len(branch),
                          "mean_branch_std": float(branch.mean()), "median_branch_std": float(np.median(branch)),
-                         "max_branch_std": float(branch.max()), "mean_layer_std": float(layers.mean())})
+                         "max_branch_std": float(branch.max()), "mean_layer_std": float(layers.mean()),
+                         "mean_branch_scale": float(np.mean(m[f"{name}_scale"]))})
     progress(1.0, "done")
     sources = sorted({m["source"] for m in measured})
     source = "; ".join(sources) if all(s.startswith("pretrained") for s in sources) else f"trained ({cfg.steps} steps each)"
