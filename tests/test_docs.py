@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from bench.timing import Row, load_results, save_results
+from resviz.experiments import stored as stored_results
 from scripts.docgen import build, figures, readme, results
 
 
@@ -34,6 +35,9 @@ def test_every_stored_run_is_there_with_its_cpu_time():
         assert all(stored["config"][k] == v for k, v in run.overrides.items())
         if run.budget == "zoo":  # stored by make_pretrained.py --studies with its wall time, not by docgen's refresh
             assert stored["time_s"] > 0 and stored["command"] == f"python -m resviz study {run.study} --budget zoo --seed 0"
+            # measured on the nets shipped now: a retrained net makes its studies' stored results stale
+            assert stored["nets"] == stored_results.nets_used(stored), f"{key} is stale: run make_pretrained.py --studies"
+            assert bool(stored["nets"]) == stored["source"].startswith("pretrained"), key
         else:
             assert cpu[key] > 0
 

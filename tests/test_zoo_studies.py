@@ -7,6 +7,7 @@ end to end in seconds.
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -123,6 +124,8 @@ def test_stored_results_round_trip_and_only_zoo_results_are_stored(tmp_path: Pat
     assert path == tmp_path / "studies" / "degradation.json"
     back = stored.load_stored("degradation", tmp_path)
     assert back["rows"] == result["rows"] and back["command"] == stored.command("degradation")
+    manifest = {e["name"]: e["sha256"] for e in json.loads((zoo_env / "manifest.json").read_text())["checkpoints"]}
+    assert back["nets"] == manifest  # every net of the tiny zoo (depths 8 and 14), with its weights' sha256
     assert stored.load_stored("lesion", tmp_path) is None
     small = {**result, "config": {**result["config"], "budget": "small"}}
     with pytest.raises(ValueError, match="zoo"):

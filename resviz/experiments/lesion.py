@@ -129,8 +129,9 @@ def run(cfg: LesionConfig, progress: Any = None) -> dict[str, Any]:
             for i in range(len(res.blocks))]
     reference = None
     if cfg.plain_depth is not None and cfg.plain_depth != cfg.depth:
-        ref = reference_twins(cfg.net(cfg.plain_depth, data.num_classes), data, cfg.schedule(), seed=cfg.seed,
-                              source=cfg.source, device=cfg.device).nets["plain"]
+        ref_twins = reference_twins(cfg.net(cfg.plain_depth, data.num_classes), data, cfg.schedule(), seed=cfg.seed,
+                                    source=cfg.source, device=cfg.device)
+        ref = ref_twins.nets["plain"]
         single = []
         for i in range(len(ref.blocks)):
             with removed(ref, [i]):
@@ -140,14 +141,15 @@ def run(cfg: LesionConfig, progress: Any = None) -> dict[str, Any]:
                 for _ in range(cfg.draws)] if groups else []
         reference = {"depth": cfg.plain_depth, "intact": accuracy(ref, x, y), "single": single,
                      "downsampling": [blk.stride > 1 for blk in ref.blocks],
-                     "one_swap": float(np.mean(swap)) if swap else None}
+                     "one_swap": float(np.mean(swap)) if swap else None, "source": ref_twins.source}
     progress(1.0, "done")
     checks = _checks(rows, intact, curves, data.num_classes, reference)
     effects = effect_checks(rows, intact, curves, data.num_classes, reference)
     return {"study": NAME, "title": TITLE, "paper": PAPER, "config": cfg.to_dict(), "rows": rows, "intact": intact,
             "chance": 1.0 / data.num_classes, "curves": curves, "checks": checks + effects if cfg.budget == "zoo" else checks,
             "effects": effects, "plain_reference": reference, "paper_rows": PAPER_NOTES,
-            "source": twins.source + (f"; plain-{cfg.plain_depth} beside them" if reference else ""), "time_s": elapsed()}
+            "source": twins.source + (f"; plain-{cfg.plain_depth} beside them ({reference['source']})" if reference else ""),
+            "time_s": elapsed()}
 
 
 SINGLE_COST = 0.03  # Veit et al.: deleting one block of ResNet-110 barely changes its error (Fig. 3)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -40,14 +41,31 @@ def load_stored(name: str, root: str | os.PathLike | None = None) -> dict[str, A
     return result if isinstance(result, dict) and result.get("study") == name else None
 
 
+def nets_used(result: dict[str, Any]) -> dict[str, str]:
+    """The shipped nets a result names in its ``source``, each with the sha256 of its weights in the manifest of
+    the zoo the studies load (:func:`resviz.zoo.pretrained_dir`)."""
+    manifest = pretrained_dir() / "manifest.json"
+    try:
+        entries = json.loads(manifest.read_text("utf-8")).get("checkpoints", [])
+    except (OSError, ValueError):
+        return {}
+    source = str(result.get("source", ""))
+    return {e["name"]: e["sha256"] for e in entries if re.search(rf"\b{re.escape(e['name'])}\b", source)}
+
+
 def store(result: dict[str, Any], root: str | os.PathLike | None = None) -> Path:
-    """Write a zoo result (atomically) where :func:`load_stored` finds it; returns the file."""
+    """Write a zoo result (atomically) where :func:`load_stored` finds it; returns the file.
+
+    The result keeps the sha256 of every shipped net it was measured on (``nets``), so a test can tell a
+    stored result from one computed on nets that have since been retrained.
+    """
     if result.get("config", {}).get("budget") != BUDGET:
         raise ValueError(f"only results of the {BUDGET!r} budget are stored beside the zoo")
     folder = stored_dir(root)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{result['study']}.json"
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({**result, "command": command(result["study"])}, indent=1, sort_keys=True) + "\n")
+    record = {**result, "command": command(result["study"]), "nets": nets_used(result)}
+    tmp.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
     tmp.replace(path)
     return path

@@ -199,7 +199,26 @@ def zoo(r: Results, manifest: Mapping[str, Any]) -> dict[str, str]:
                           f"({deep['steps']:,} steps of batch {deep['train']['batch_size']})",
             "zoo.plain_deep": f"{pct(plain_deep['test_acc'])} test accuracy (plain-{plain_deep['config']['depth']})",
             "zoo.chance": pct(1 / plain_deep["config"]["num_classes"]),
+            "zoo.responses": _zoo_responses(r["responses-zoo"], deep),
             "zoo.sources": "; ".join(f"{STUDY_LABELS[n].split('. ')[1]}: {r[f'{n}-zoo']['source']}" for n in STUDY_LABELS)}
+
+
+def _zoo_responses(res: Mapping[str, Any], deep: Mapping[str, Any]) -> str:
+    """What the std of F(x) is made of on the zoo: the scales of the norms that end the branches."""
+    rows = sorted(res["rows"], key=lambda x: (x["net"].startswith("plain"), -x["depth"]))
+    scales = [x for x in rows if x["net"].startswith("residual") or x["depth"] == min(y["depth"] for y in rows)]
+    if not scales or "mean_branch_scale" not in scales[0]:
+        return "the results stored for the layer-response study predate the scale measurement"
+    listed = ", ".join(f"{_net(x['net'])} {x['mean_branch_scale']:.3f}" for x in scales)
+    effect = res.get("effects", [{}])[0]
+    text = (f"in eval mode the std of F(x) is about the scale γ of the batch norm that ends the branch, and the "
+            f"zoo's mean scales are {listed} (every scale starts at 1)")
+    if effect.get("holds", True):
+        return text + "; He et al.'s ordering holds on them"
+    moved = max(abs(x["mean_branch_scale"] - 1) for x in scales)
+    return (text + f": after {deep['steps']:,} steps they are within {moved:.0%} of 1, and He et al.'s ordering "
+            "(smaller responses in deeper ResNets: scales their nets learned over 64,000 iterations) does not "
+            "appear. A longer schedule is what it needs")
 
 
 def all_values(r: Results, cpu: Mapping[str, float], manifest: Mapping[str, Any] | None = None) -> dict[str, str]:
