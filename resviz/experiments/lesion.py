@@ -44,7 +44,7 @@ class LesionConfig(TrainedStudyConfig):
     max_swaps: int = 4
 
     PRESETS = {"small": {}, "medium": {**MEDIUM_TRAINING, "depth": 32, "eval_size": 1000, "draws": 8, "max_swaps": 6},
-               "zoo": {**ZOO, "depth": 110, "plain_depth": 20}}
+               "zoo": {**ZOO, "depth": 110, "plain_depth": 20, "draws": 8}}
 
 
 def accuracy(net: nn.Module, x: Any, y: Any) -> float:
@@ -82,7 +82,10 @@ def _lesion_curves(nets: dict[str, nn.Module], x: Any, y: Any, cfg: LesionConfig
     ks = deletion_counts(n)
     groups = swappable(nets["residual"])
     rng = np.random.default_rng(cfg.seed)
-    sets = {k: [sorted(rng.choice(n, size=k, replace=False).tolist()) for _ in range(cfg.draws)] for k in ks}
+    # each draw is one random order of the blocks and deletes its first k: a uniformly random k-set at every k, and
+    # the same draws all along the curve (a draw's k+1 set holds its k set), so the mean curve is not noise from k to k
+    orders = [rng.permutation(n) for _ in range(cfg.draws)]
+    sets = {k: [sorted(order[:k].tolist()) for order in orders] for k in ks}
     swaps = {k: [_random_swaps(groups, n, k, rng) for _ in range(cfg.draws)] for k in range(1, cfg.max_swaps + 1)}
     out: dict[str, Any] = {"k": ks, "swaps": list(swaps), "single": {}, "random": {}, "reorder": {}}
     for j, (name, net) in enumerate(nets.items()):
