@@ -93,8 +93,10 @@ def test_start_makes_the_loss_chart_grow_and_stop_ends_it(server, page) -> None:
     later = poll(lambda: (n := _train_points(page)) > first and n, 90, what="more loss points")
     assert later > first > 0
     screenshot(page, "train-live")
-    curves = _curves(page)
-    for name in ("residual train", "plain train"):
+    names = ("residual train", "plain train")
+    # the live region redraws the chart every interval: read it when it is there
+    curves = poll(lambda: (c := _curves(page)) and all(n in c for n in names) and c, 10, what="the training curves")
+    for name in names:
         assert all(v is not None and math.isfinite(v) for v in curves[name]), name
     page.get_by_role("button", name="Stop").click()
     poll(lambda: "Training was stopped" in page.inner_text("body"), 60, what="the stopped message")
