@@ -164,10 +164,17 @@ def retained(acc: float, intact: float, chance: float) -> float:
     return (acc - chance) / (intact - chance) if intact > chance else float("nan")
 
 
-def _reference_kept(reference: dict[str, Any], chance: float) -> float:
-    """The share of its above-chance accuracy a reference plain net keeps after one non-downsampling deletion."""
-    return float(np.mean([retained(a, reference["intact"], chance)
+def _plain_deletions(inner: list[dict], intact: dict[str, float], chance: float, reference: dict[str, Any] | None,
+                     twin: str) -> tuple[float, float, str]:
+    """The plain side of the deletion checks: the share of its above-chance accuracy the plain net keeps after one
+    non-downsampling deletion, its intact accuracy and its name; the ``reference`` net when given, else the twin
+    (named ``twin``)."""
+    if reference is None:
+        kept = float(np.mean([retained(r["plain_acc"], intact["plain"], chance) for r in inner])) if inner else float("nan")
+        return kept, intact["plain"], twin
+    kept = float(np.mean([retained(a, reference["intact"], chance)
                           for a, down in zip(reference["single"], reference["downsampling"], strict=True) if not down]))
+    return kept, reference["intact"], f"plain-{reference['depth']}"
 
 
 def _checks(rows: list[dict], intact: dict[str, float], curves: dict, classes: int,
@@ -176,20 +183,16 @@ def _checks(rows: list[dict], intact: dict[str, float], curves: dict, classes: i
     net of another depth) the plain side of the deletion checks is that net, and the detail says so."""
     chance = 1 / classes
     inner = [r for r in rows if not r["downsampling"]]
-    kept = {k: float(np.mean([retained(r[f"{k}_acc"], intact[k], chance) for r in inner])) for k in ("residual", "plain")}
-    plain_name, plain_intact = "plain", intact["plain"]
-    if reference is not None:
-        kept["plain"], plain_intact = _reference_kept(reference, chance), reference["intact"]
-        plain_name = f"plain-{reference['depth']}"
+    kept = {"residual": float(np.mean([retained(r["residual_acc"], intact["residual"], chance) for r in inner]))}
+    kept["plain"], plain_intact, plain_name = _plain_deletions(inner, intact, chance, reference, "plain")
     rand = curves["random"]["residual"]
     steps = np.diff([intact["residual"], *rand])
     one = {k: curves["reorder"][k][0] for k in ("residual", "plain")}
-    swap_intact = dict(intact)
+    swap_intact, swap_name = dict(intact), "plain"
     if reference is not None and reference.get("one_swap") is not None:  # the trained plain net, as for deletions
-        one["plain"], swap_intact["plain"] = reference["one_swap"], reference["intact"]
+        one["plain"], swap_intact["plain"], swap_name = reference["one_swap"], reference["intact"], plain_name
     swap_kept = {k: retained(one[k], swap_intact[k], chance) if one[k] is not None else float("nan") for k in one}
     at_chance = swap_intact["plain"] - chance < 0.02
-    swap_name = plain_name if reference is not None and reference.get("one_swap") is not None else "plain"
     swap_detail = (f"one swap keeps {swap_kept['residual']:.0%} (residual) vs {swap_kept['plain']:.0%} ({swap_name})"
                    if one["residual"] is not None else "no stage has two same-shape blocks")
     if at_chance:
@@ -231,12 +234,7 @@ def effect_checks(rows: list[dict], intact: dict[str, float], curves: dict, clas
     rises = np.diff(errors)
     total = errors[-1] - errors[0]
     smooth = bool(np.all(rises >= -0.01)) and total > 0 and float(rises.max()) <= 0.5 * total
-    if reference is not None:
-        plain_kept, plain_intact = _reference_kept(reference, chance), reference["intact"]
-        plain_name = f"plain-{reference['depth']}"
-    else:
-        plain_kept = float(np.mean([retained(r["plain_acc"], intact["plain"], chance) for r in inner])) if inner else float("nan")
-        plain_intact, plain_name = intact["plain"], "plain twin"
+    plain_kept, plain_intact, plain_name = _plain_deletions(inner, intact, chance, reference, "plain twin")
     return [
         check(f"deleting one non-downsampling block costs the residual net at most {SINGLE_COST:.0%} of accuracy on "
               "average (Veit et al., ResNet-110 on CIFAR-10: its error barely moves)", mean_inner <= SINGLE_COST,

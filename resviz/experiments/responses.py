@@ -131,13 +131,19 @@ def run(cfg: ResponsesConfig, progress: Any = None) -> dict[str, Any]:
             "source": source, "time_s": elapsed()}
 
 
+def chain(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows of He et al. Fig. 7's ordering, smallest expected response first: the ResNets deepest first, then the
+    shallowest plain net."""
+    by = {r["net"]: r for r in rows}
+    depths = sorted({r["depth"] for r in rows})
+    return [by[f"residual-{d}"] for d in reversed(depths)] + [by[f"plain-{depths[0]}"]]
+
+
 def effect_checks(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """He et al. Fig. 7's ordering in full: every deeper ResNet's F(x) is smaller, and the shallowest plain net's largest."""
-    by = {r["net"]: r["mean_branch_std"] for r in rows}
-    depths = sorted({r["depth"] for r in rows})
-    chain = [f"residual-{d}" for d in reversed(depths)] + [f"plain-{depths[0]}"]
-    values = [by[n] for n in chain]
-    names = [n.replace("residual-", "ResNet-").replace("plain-", "plain-") for n in chain]
+    ordered = chain(rows)
+    values = [r["mean_branch_std"] for r in ordered]
+    names = [r["net"].replace("residual-", "ResNet-") for r in ordered]
     return [check(" < ".join(f"std F(x) {n}" for n in names) + " (He et al. Fig. 7: ResNet-110 < ResNet-56 < ResNet-20 < plain-20)",
                   all(a < b for a, b in zip(values, values[1:], strict=False)),
                   ", ".join(f"{n}: {v:.3f}" for n, v in zip(names, values, strict=True)))]

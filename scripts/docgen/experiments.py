@@ -10,6 +10,7 @@ import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from resviz.experiments import responses as responses_study
 from scripts.docgen.fmt import DASH, checks, fixed, pct, seconds, sig, table
 
 Results = Mapping[str, dict[str, Any]]
@@ -205,9 +206,8 @@ def zoo(r: Results, manifest: Mapping[str, Any]) -> dict[str, str]:
 
 def _zoo_responses(res: Mapping[str, Any], deep: Mapping[str, Any]) -> str:
     """What the std of F(x) is made of on the zoo: the scales of the norms that end the branches."""
-    rows = sorted(res["rows"], key=lambda x: (x["net"].startswith("plain"), -x["depth"]))
-    scales = [x for x in rows if x["net"].startswith("residual") or x["depth"] == min(y["depth"] for y in rows)]
-    if not scales or "mean_branch_scale" not in scales[0]:
+    scales = responses_study.chain(res["rows"])
+    if "mean_branch_scale" not in scales[0]:
         return "the results stored for the layer-response study predate the scale measurement"
     listed = ", ".join(f"{_net(x['net'])} {x['mean_branch_scale']:.3f}" for x in scales)
     effect = res.get("effects", [{}])[0]
@@ -216,7 +216,7 @@ def _zoo_responses(res: Mapping[str, Any], deep: Mapping[str, Any]) -> str:
     if effect.get("holds", True):
         return text + "; He et al.'s ordering holds on them"
     moved = max(abs(x["mean_branch_scale"] - 1) for x in scales)
-    chain = [(_net(x["net"]), x["mean_branch_std"]) for x in scales]  # ResNets deepest first, then the shallowest plain
+    chain = [(_net(x["net"]), x["mean_branch_std"]) for x in scales]
     broken = [f"{a} ({va:.3f}) is not below {b} ({vb:.3f})" for (a, va), (b, vb) in zip(chain, chain[1:]) if va >= vb]
     return (text + f": after {deep['steps']:,} steps they are within {moved:.0%} of 1, so the stds differ by a few "
             f"percent, and He et al.'s chain breaks where {' and '.join(broken)}. Their nets learned these scales "
