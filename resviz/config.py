@@ -179,6 +179,7 @@ class TrainConfig:
     optimizer: str = "sgd"  # "sgd" (momentum 0.9, nesterov) or "adamw"
     lr: float = 0.1
     weight_decay: float = 5e-4
+    decay_all: bool = False  # weight decay on every parameter (He et al. 2016), not only on conv/linear weights
     schedule: str = "onecycle"  # "cosine", "onecycle" or "constant"
     epochs: float = 3.0  # may be fractional
     batch_size: int = 128

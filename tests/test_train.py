@@ -126,6 +126,8 @@ def test_weight_decay_skips_norms_and_biases():
         decayed = {id(p) for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
         for name, p in net.named_parameters():
             assert (id(p) in decayed) == (p.ndim > 1), name
+        every = make_optimizer(net, _cfg(optimizer=kind, weight_decay=0.01, decay_all=True))  # He et al.'s recipe
+        assert [len(g["params"]) for g in every.param_groups if g["weight_decay"] > 0] == [len(list(net.parameters()))]
     assert make_optimizer(net, _cfg(momentum=0.0)).param_groups[0]["nesterov"] is False
 
 
