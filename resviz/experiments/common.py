@@ -61,7 +61,7 @@ class StudyConfig:
 
 
 # The study zoo (pretrained/make_pretrained.py): CIFAR-style nets of width 16 in the original ("post") order,
-# trained to convergence on shapes at 32 px (20,000 training images of data seed 1). Studies on the zoo load
+# trained to convergence on shapes at 16 px (20,000 training images of data seed 1). Studies on the zoo load
 # them instead of training; their results are stored in pretrained/studies/ (see resviz.experiments.stored).
 ZOO: dict[str, Any] = {"width": 16, "input_size": 16, "train_size": 20000, "test_size": 1000, "data_seed": 1,
                        "order": "post", "source": "pretrained"}

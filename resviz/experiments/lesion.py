@@ -44,7 +44,7 @@ class LesionConfig(TrainedStudyConfig):
     max_swaps: int = 4
 
     PRESETS = {"small": {}, "medium": {**MEDIUM_TRAINING, "depth": 32, "eval_size": 1000, "draws": 8, "max_swaps": 6},
-               "zoo": {**ZOO, "depth": 110, "plain_depth": 20, "draws": 8}}
+               "zoo": {**ZOO, "depth": 110, "plain_depth": 20, "draws": 8, "eval_size": 1000}}  # the whole test split
 
 
 def accuracy(net: nn.Module, x: Any, y: Any) -> float:

@@ -41,9 +41,9 @@ class ShatteredConfig(StudyConfig):
     span: float = 0.25  # the line covers this fraction of the way from one image to the other
     max_lag: int = 8
 
-    # zoo: the zoo's architecture (width 16, 32 px) at initialisation, where Balduzzi et al. measure
+    # zoo: the zoo's architecture (width 16, 16 px) at initialisation, where Balduzzi et al. measure
     PRESETS = {"small": {}, "medium": {"depths": (8, 20, 56, 110, 218), "pairs": 8, "points": 96, "width": 16},
-               "zoo": {"depths": (8, 20, 56, 110), "width": 16, "input_size": 32}}
+               "zoo": {"depths": (8, 20, 56, 110), "width": 16, "input_size": 16}}
 
 
 def input_gradients(net: nn.Module, xs: torch.Tensor, target: int) -> torch.Tensor:

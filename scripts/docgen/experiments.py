@@ -210,18 +210,23 @@ def _zoo_responses(res: Mapping[str, Any], deep: Mapping[str, Any]) -> str:
     if "mean_branch_scale" not in scales[0]:
         return "the results stored for the layer-response study predate the scale measurement"
     listed = ", ".join(f"{_net(x['net'])} {x['mean_branch_scale']:.3f}" for x in scales)
-    effect = res.get("effects", [{}])[0]
-    text = (f"in eval mode the std of F(x) is about the scale γ of the batch norm that ends the branch, and the "
-            f"zoo's mean scales are {listed} (every scale starts at 1)")
-    if effect.get("holds", True):
-        return text + "; He et al.'s ordering holds on them"
-    moved = max(abs(x["mean_branch_scale"] - 1) for x in scales)
-    chain = [(_net(x["net"]), x["mean_branch_std"]) for x in scales]
-    broken = [f"{a} ({va:.3f}) is not below {b} ({vb:.3f})" for (a, va), (b, vb) in zip(chain, chain[1:]) if va >= vb]
-    return (text + f": after {deep['steps']:,} steps they are within {moved:.0%} of 1, so the stds differ by a few "
-            f"percent, and He et al.'s chain breaks where {' and '.join(broken)}. Their nets learned these scales "
-            "over 64,000 iterations; we expect a much longer schedule is what it needs, which a CPU budget does not "
-            "allow")
+    decay = ("they decay with every other parameter (weight decay on all of them, as He et al.)"
+             if deep["train"].get("decay_all") else "weight decay leaves them alone (it acts on conv and linear weights only)")
+    text = (f"in eval mode the std of F(x) is about the scale γ of the batch norm that ends the branch. Every scale "
+            f"starts at 1 and {decay}; after {deep['steps']:,} steps the zoo's mean scales are {listed}")
+    if res.get("effects", [{}])[0].get("holds", True):
+        return text + ", and He et al.'s ordering holds on them"
+    broken = []
+    for a, b in zip(scales, scales[1:], strict=False):
+        if a["mean_branch_std"] < b["mean_branch_std"]:
+            continue
+        why = f"{_net(a['net'])} ({a['mean_branch_std']:.3f}) is not below {_net(b['net'])} ({b['mean_branch_std']:.3f})"
+        if a["mean_branch_scale"] < b["mean_branch_scale"]:  # the scales keep the order: the running statistics do not
+            wider = [x["mean_branch_std"] / x["mean_branch_scale"] - 1 for x in (a, b)]
+            why += (f": its scales are the smaller ones, but on test images its branches respond {wider[0]:.0%} more "
+                    f"widely than its norms' running statistics expect ({_net(b['net'])}: {wider[1]:.0%})")
+        broken.append(why)
+    return text + f", and He et al.'s chain breaks where {' and '.join(broken)}"
 
 
 def all_values(r: Results, cpu: Mapping[str, float], manifest: Mapping[str, Any] | None = None) -> dict[str, str]:
