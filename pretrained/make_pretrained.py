@@ -26,8 +26,8 @@ The recipes:
 
 - ``shapes20``, ``shapes56``, ``shapes110``: the study zoo. ResNet-20/56/110 (CIFAR-style, width 16) and
   their plain twins on ``shapes`` at 16x16, 20,000 training images (crop + flip), 24 epochs at every depth, SGD
-  with Nesterov momentum 0.9, weight decay 5e-4 on every parameter, a one-cycle schedule peaking at 0.1, batch 128. The plain nets show the
-  degradation problem; the ResNets do not.
+  with Nesterov momentum 0.9, weight decay 5e-4 on every parameter, a one-cycle schedule peaking at 0.1, batch 128.
+  The plain nets show the degradation problem; the ResNets do not.
 - ``fmnist20``: ResNet-20 and its plain twin on Fashion-MNIST (all 60,000 / 10,000 images, 28x28, 5 epochs,
   no augmentation), read from Debian's ``dataset-fashion-mnist`` package or torchvision's layout under the
   data folder.

@@ -53,7 +53,8 @@ ZOO = {e["name"]: e for e in ENTRIES if e.get("fingerprint")}  # the study zoo's
 def test_the_study_zoo_is_shipped_converged_with_full_logs():
     for depth in (20, 56, 110):
         res, plain = ZOO[f"shapes_resnet{depth}"], ZOO[f"shapes_plain{depth}"]
-        assert res["config"]["depth"] == depth and res["config"]["width"] == 16 and res["dataset"]["input_size"] == STUDY_ZOO["input_size"]
+        assert res["config"]["depth"] == depth and res["config"]["width"] == 16
+        assert res["dataset"]["input_size"] == STUDY_ZOO["input_size"]
         assert res["test_acc"] >= 0.97, (depth, res["test_acc"])  # every zoo ResNet converged
         assert res["train"] == plain["train"] and res["dataset"] == plain["dataset"]  # same recipe, same data
     fmnist = ZOO["fmnist_resnet20"]
