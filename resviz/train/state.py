@@ -43,8 +43,10 @@ def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
 def make_optimizer(net: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     """SGD (Nesterov) or AdamW; weight decay only on conv/linear weights, not on norms, biases or scales, unless
     ``cfg.decay_all`` (He et al.'s recipe: every parameter decays)."""
-    decay = [p for p in net.parameters() if p.requires_grad and (p.ndim > 1 or cfg.decay_all)]
-    no_decay = [p for p in net.parameters() if p.requires_grad and p.ndim <= 1 and not cfg.decay_all]
+    params = [p for p in net.parameters() if p.requires_grad]
+    decays = [cfg.decay_all or p.ndim > 1 for p in params]
+    decay = [p for p, d in zip(params, decays, strict=True) if d]
+    no_decay = [p for p, d in zip(params, decays, strict=True) if not d]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     # foreach: one multi-tensor kernel per update term instead of one per parameter; the same numbers
     # as the loop bitwise (fused=True would be faster still but rounds differently).

@@ -206,10 +206,10 @@ def zoo(r: Results, manifest: Mapping[str, Any]) -> dict[str, str]:
 
 def _zoo_responses(res: Mapping[str, Any], deep: Mapping[str, Any]) -> str:
     """What the std of F(x) is made of on the zoo: the scales of the norms that end the branches."""
-    scales = responses_study.chain(res["rows"])
-    if "mean_branch_scale" not in scales[0]:
+    ordered = responses_study.chain(res["rows"])
+    if "mean_branch_scale" not in ordered[0]:
         return "the results stored for the layer-response study predate the scale measurement"
-    listed = ", ".join(f"{_net(x['net'])} {x['mean_branch_scale']:.3f}" for x in scales)
+    listed = ", ".join(f"{_net(x['net'])} {x['mean_branch_scale']:.3f}" for x in ordered)
     decay = ("they decay with every other parameter (weight decay on all of them, as He et al.)"
              if deep["train"].get("decay_all") else "weight decay leaves them alone (it acts on conv and linear weights only)")
     text = (f"in eval mode the std of F(x) is about the scale γ of the batch norm that ends the branch. Every scale "
@@ -217,7 +217,7 @@ def _zoo_responses(res: Mapping[str, Any], deep: Mapping[str, Any]) -> str:
     if res.get("effects", [{}])[0].get("holds", True):
         return text + ", and He et al.'s ordering holds on them"
     broken = []
-    for a, b in zip(scales, scales[1:], strict=False):
+    for a, b in zip(ordered, ordered[1:], strict=False):
         if a["mean_branch_std"] < b["mean_branch_std"]:
             continue
         why = f"{_net(a['net'])} ({a['mean_branch_std']:.3f}) is not below {_net(b['net'])} ({b['mean_branch_std']:.3f})"
