@@ -40,6 +40,7 @@ WAIT_MS = 90_000  # the first render of a page imports torch and builds nets: al
 EXCEPTION = '[data-testid="stException"]'
 PLOT = ".js-plotly-plot"
 STATUS = '[data-testid="stStatusWidget"]'
+UPLOAD = '[data-testid="stFileUploaderDropzoneInput"]'
 SIDEBAR = '[data-testid="stSidebar"]'
 ERROR_ALERT = '[data-testid="stAlertContentError"]'
 # Every plotly chart on the page as {title, traces: [{name, type, x, y}]}, title without markup. Charts that
@@ -278,3 +279,27 @@ def choose(page, combobox: str, option: str) -> None:
     box.blur()
     tags = page.locator('[data-testid="stMultiSelectTagsContainer"]').filter(has=box)
     poll(lambda: option in (tags.inner_text() if tags.count() else box.input_value()), 30, what=f"{combobox} = {option}")
+
+
+def pick(page, option: str, then: str | None = None, role: str = "radio", timeout: float = 90.0) -> None:
+    """Click the radio option (or checkbox) labelled ``option`` until it is checked and ``then`` is on the page.
+
+    A click that lands while a rerun replaces the widgets can be lost; it is repeated, never assumed.
+    """
+    radio = page.get_by_role(role, name=option, exact=True)
+    label = page.get_by_text(option, exact=True)
+    deadline = time.monotonic() + timeout
+
+    def holds() -> bool:
+        return radio.is_checked() and (then is None or page.locator(then).count() > 0)
+
+    while True:
+        if not radio.is_checked():
+            label.click()
+        try:
+            poll(holds, min(15.0, max(1.0, deadline - time.monotonic())), what=f"{option!r} to hold")
+            return
+        except AssertionError:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{option!r} was clicked but never held (then={then!r})") from None
+            wait_idle(page)

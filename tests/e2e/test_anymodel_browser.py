@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from e2ehelpers import assert_no_exception, error_texts, open_page, page_url, plot_data, poll, screenshot, wait_idle
+from e2ehelpers import assert_no_exception, error_texts, open_page, page_url, pick, plot_data, poll, screenshot, wait_idle
 
 pytestmark = pytest.mark.browser
 
@@ -18,9 +18,9 @@ def _topk(page) -> dict[str, dict[str, float]] | None:
 
 def test_inspect_torchvision_resnet18_skip_off_changes_predictions(server, page) -> None:
     open_page(page, page_url(server.url, "inspect"), "h1")
-    page.get_by_text("Any architecture", exact=True).click()
+    pick(page, "Any architecture")
     wait_idle(page, 120)
-    page.get_by_text("Built-in picture", exact=True).click()
+    pick(page, "Built-in picture")
     poll(lambda: "8 skip connections found" in page.inner_text("body") and _topk(page), 180,
          what="torchvision resnet18 traced and its predictions")
     wait_idle(page, 120)
@@ -29,7 +29,7 @@ def test_inspect_torchvision_resnet18_skip_off_changes_predictions(server, page)
     assert "resnet18" in page.inner_text("body")
     screenshot(page, "inspect-any-resnet18")
 
-    page.get_by_text("All off (group 2)", exact=True).click()
+    pick(page, "All off (group 2)", role="checkbox")
     poll(lambda: (t := _topk(page)) and len(t) == 2, 120, what="the modified vs intact bars")
     wait_idle(page, 120)
     after = _topk(page)

@@ -13,12 +13,14 @@ from e2ehelpers import (
     PLOT,
     TINY,
     TINY_RUN,
+    UPLOAD,
     assert_no_exception,
     choose,
     error_texts,
     location,
     open_page,
     page_url,
+    pick,
     plot_data,
     poll,
     screenshot,
@@ -111,10 +113,10 @@ def test_inspect_upload_shows_maps_and_a_skip_lesion_changes_predictions(server,
     stripes[::8] = (30, 200, 90)
     Image.fromarray(stripes).save(png)
     open_page(page, page_url(server.url, "inspect", TINY), "h1")
-    page.get_by_text("Design-page net, untrained", exact=True).click()
+    pick(page, "Design-page net, untrained")
     wait_idle(page)
-    page.get_by_text("Upload", exact=True).click()
-    page.locator('[data-testid="stFileUploaderDropzoneInput"]').set_input_files(str(png))
+    pick(page, "Upload", then=UPLOAD)
+    page.locator(UPLOAD).set_input_files(str(png))
     poll(lambda: "stripes.png" in page.inner_text("body") and _topk(page), 90, what="predictions for the upload")
     poll(lambda: sum("residual branch" in p["title"] for p in plot_data(page)), 60, what="the F(x) feature maps")
     wait_idle(page)
