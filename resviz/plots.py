@@ -463,17 +463,26 @@ def attribution_overlay(image: Any, heatmap: Any, *, opacity: float = 0.5, title
 
 
 def lesion_figure(labels: Sequence[str], accuracy: Mapping[str, Sequence[float]], *,
-                  intact: Mapping[str, float] | None = None) -> go.Figure:
-    """Accuracy after removing each block (bars per net) against the intact accuracy (dashed lines)."""
+                  intact: Mapping[str, float] | None = None, chance: float | None = None) -> go.Figure:
+    """Accuracy after removing each block (bars per net) against the intact accuracy (dashed lines) and, if
+    given, chance (dotted); each line's value is in the legend."""
     fig = _base("Lesion study: accuracy with one block removed", xaxis_title="removed block", yaxis_title="accuracy",
                 yaxis_tickformat=".0%", barmode="group")
     for i, (name, acc) in enumerate((accuracy or {}).items()):
         ys = _clean(acc)
         xs = list(labels)[: len(ys)] + [f"block {j}" for j in range(len(labels), len(ys))]
         fig.add_trace(go.Bar(x=xs, y=ys, name=name, marker_color=net_color(name, i)))
-    for i, (name, value) in enumerate((intact or {}).items()):
-        if not math.isnan(_num(value)):
-            fig.add_hline(y=_num(value), line={"color": net_color(name, i), "dash": "dash"}, annotation_text=f"{name} intact")
+    intact = dict(intact or {})
+    order = [n for n in (accuracy or {}) if n in intact] + [n for n in intact if n not in (accuracy or {})]  # as the bars
+    levels = [(f"{name} intact", _num(intact[name]), {"color": net_color(name, i), "dash": "dash"})
+              for i, name in enumerate(order)]
+    if chance is not None:
+        levels.append(("chance", _num(chance), {"color": OFF_COLOR, "dash": "dot"}))
+    for label, v, line in levels:
+        if not math.isnan(v):  # the line across the bars, its value in the legend (a label on the line hides bars)
+            fig.add_hline(y=v, line=line)
+            fig.add_trace(go.Scatter(x=[None], y=[None], mode="lines", line=line, name=f"{label}: {v:.1%}",
+                                     hoverinfo="skip"))
     return _finish(fig)
 
 

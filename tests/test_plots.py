@@ -276,10 +276,13 @@ def test_lesion_figure():
     fig = plots.lesion_figure(["b0", "b1", "b2"], {"residual": [0.8, 0.85, NAN], "plain": [0.1, 0.12, 0.1]},
                               intact={"residual": 0.9, "plain": NAN})
     renders(fig)
-    assert [t.name for t in fig.data] == ["residual", "plain"]
+    assert [t.name for t in fig.data] == ["residual", "plain", "residual intact: 90.0%"]  # the line's value in the legend
     assert list(fig.data[0].y) == [0.8, 0.85, None]
-    assert len(fig.layout.shapes) == 1  # the NaN intact line is not drawn
+    assert len(fig.layout.shapes) == 1 and not fig.layout.annotations  # the NaN intact line is not drawn; no label on it
     assert has_no_data_note(plots.lesion_figure([], {}))
+    with_chance = plots.lesion_figure(["b0"], {"plain": [0.1]}, intact={"plain": 0.5}, chance=0.125)
+    assert [t.name for t in with_chance.data] == ["plain", "plain intact: 50.0%", "chance: 12.5%"]
+    assert [s.y0 for s in with_chance.layout.shapes] == [0.5, 0.125]
 
 
 def test_loss_landscape_figure():

@@ -255,14 +255,30 @@ def effect_checks(rows: list[dict], intact: dict[str, float], curves: dict, clas
 
 def figures(result: dict[str, Any]) -> dict[str, go.Figure]:
     rows, curves = result["rows"], result["curves"]
-    labels = [f"{r['block']}{'*' if r['downsampling'] else ''}" for r in rows]
-    single = lesion_figure(labels, {"residual": [r["residual_acc"] for r in rows], "plain": [r["plain_acc"] for r in rows]},
-                           intact=result["intact"])
-    single.update_layout(xaxis_title="deleted block (* downsampling)")
-    single.update_xaxes(type="category")  # "3*" is not a number: keep every label a category
+    depth = result["config"]["depth"]
+    names = {"residual": f"ResNet-{depth}", "plain": f"plain-{depth}"}
+    single = _single_figure([r["downsampling"] for r in rows],
+                            {names[k]: [r[f"{k}_acc"] for r in rows] for k in names},
+                            {names[k]: v for k, v in result["intact"].items()}, result["chance"],
+                            f"Deleting one block of ResNet-{depth} and of its plain twin")
+    out = {"single_deletion": single}
+    ref = result.get("plain_reference")
+    if ref:  # the trained plain net the plain-net checks are about, when the twin itself did not train
+        out["plain_reference_single"] = _single_figure(
+            ref["downsampling"], {f"plain-{ref['depth']}": ref["single"]}, {f"plain-{ref['depth']}": ref["intact"]},
+            result["chance"], f"Deleting one block of the trained plain-{ref['depth']} (the plain net the checks use)")
     k = lines(curves["k"], {f"{n} (intact {result['intact'][n]:.0%})": curves["random"][n] for n in ("residual", "plain")},
               title="Deleting k random blocks at once", xaxis="blocks deleted", yaxis="test accuracy", percent=True)
     k.add_hline(y=result["chance"], line={"dash": "dot", "color": "#9E9E9E"}, annotation_text="chance")
     swaps = lines(curves["swaps"], {n: curves["reorder"][n] for n in ("residual", "plain")},
                   title="Swapping random pairs of same-shape blocks", xaxis="swaps", yaxis="test accuracy", percent=True)
-    return {"single_deletion": single, "random_deletions": k, "reordering": swaps}
+    return {**out, "random_deletions": k, "reordering": swaps}
+
+
+def _single_figure(downsampling: list[bool], accuracy: dict[str, list[float]], intact: dict[str, float], chance: float,
+                   title: str) -> go.Figure:
+    labels = [f"{i}{'*' if d else ''}" for i, d in enumerate(downsampling)]
+    fig = lesion_figure(labels, accuracy, intact=intact, chance=chance)
+    fig.update_layout(title=title, xaxis_title="deleted block (* downsampling)")
+    fig.update_xaxes(type="category")  # "3*" is not a number: keep every label a category
+    return fig

@@ -52,8 +52,24 @@ def conv3x3(cin: int, cout: int, stride: int = 1, bias: bool = False) -> nn.Conv
     return nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=bias)
 
 
+class StridedConv1x1(nn.Conv2d):
+    """A 1x1 convolution with a stride, computed as the subsampling it is followed by a stride-1 1x1 convolution.
+
+    The same function and parameters as ``nn.Conv2d(cin, cout, 1, stride=s)`` (a 1x1 kernel with stride s reads
+    only the positions 0, s, 2s, ...). It exists because oneDNN's weight-gradient kernel for the strided form
+    corrupts the heap on some x86 CPUs (seen with torch 2.14.1 on AMD EPYC Zen 3 for 2 to 7 input channels in
+    channels-last: the process aborts in ``mkldnn_convolution_backward_weights``); the stride-1 kernel is sound.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        sh, sw = self.stride
+        return F.conv2d(x[:, :, ::sh, ::sw], self.weight, self.bias)
+
+
 def conv1x1(cin: int, cout: int, stride: int = 1, bias: bool = False) -> nn.Conv2d:
-    return nn.Conv2d(cin, cout, 1, stride=stride, bias=bias)
+    if stride == 1:
+        return nn.Conv2d(cin, cout, 1, bias=bias)
+    return StridedConv1x1(cin, cout, 1, stride=stride, bias=bias)
 
 
 class ShortcutA(nn.Module):
