@@ -12,7 +12,7 @@ from torch import nn
 
 from resviz import BlockConfig, NetConfig, build_net, count_macs, count_params, from_torchvision, plain_twin
 from resviz.config import ACTIVATIONS, KINDS, NORMS, ORDERS, SHORTCUTS
-from resviz.nn.blocks import ResidualBlock, ShortcutA
+from resviz.nn.blocks import ResidualBlock, ShortcutA, StridedConv1x1, conv1x1
 
 
 def tiny(kind="basic", **block) -> NetConfig:
@@ -113,6 +113,32 @@ def test_default_basic_block_matches_hand_written_classic_block(cin, cout, strid
     blk.train(train_mode)
     x = torch.randn(3, cin, 12, 12)
     torch.testing.assert_close(blk(x), ref(x), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("cin, size", [(2, 16), (4, 15), (7, 8)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_strided_1x1_conv_equals_torchs_strided_conv_with_its_gradients(cin, size, channels_last):
+    """The projection's strided 1x1 conv (subsample, then stride 1) computes nn.Conv2d(stride=2)'s output and gradients;
+    its weight gradient at 4 input channels in channels-last is the case that corrupted the heap in oneDNN's strided kernel."""
+    torch.manual_seed(0)
+    ours, ref = conv1x1(cin, 2 * cin, stride=2), nn.Conv2d(cin, 2 * cin, 1, stride=2, bias=False)
+    assert isinstance(ours, StridedConv1x1) and type(conv1x1(cin, cin)) is nn.Conv2d
+    assert type(conv1x1(16, 32, stride=2)) is nn.Conv2d  # wide enough for torch's own strided kernel
+    ref.load_state_dict(ours.state_dict())
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(8, cin, size, size).contiguous(memory_format=fmt)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya = ours.to(memory_format=fmt)(xa)
+    torch.backends.mkldnn.enabled = False  # the reference on torch's own kernels
+    try:
+        yb = ref(xb)
+        (yb * yb.detach().sin()).sum().backward()
+    finally:
+        torch.backends.mkldnn.enabled = True
+    (ya * ya.detach().sin()).sum().backward()
+    torch.testing.assert_close(ya, yb, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(xa.grad, xb.grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ours.weight.grad, ref.weight.grad, atol=1e-4, rtol=1e-5)
 
 
 @pytest.mark.parametrize("arch", ["resnet18", "resnet50"])

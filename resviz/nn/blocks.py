@@ -66,9 +66,13 @@ class StridedConv1x1(nn.Conv2d):
         return F.conv2d(x[:, :, ::sh, ::sw], self.weight, self.bias)
 
 
+STRIDED_1X1_SAFE_CHANNELS = 8  # from this many input channels up oneDNN's strided kernel was sound (up to 64 tried)
+
+
 def conv1x1(cin: int, cout: int, stride: int = 1, bias: bool = False) -> nn.Conv2d:
-    if stride == 1:
-        return nn.Conv2d(cin, cout, 1, bias=bias)
+    """A 1x1 convolution; strided with few input channels, the subsampling form (same numbers up to rounding)."""
+    if stride == 1 or cin >= STRIDED_1X1_SAFE_CHANNELS:  # torch's own layer wherever it is sound: its exact rounding
+        return nn.Conv2d(cin, cout, 1, stride=stride, bias=bias)
     return StridedConv1x1(cin, cout, 1, stride=stride, bias=bias)
 
 
