@@ -129,12 +129,13 @@ def test_strided_1x1_conv_equals_torchs_strided_conv_with_its_gradients(cin, siz
     x = torch.randn(8, cin, size, size).contiguous(memory_format=fmt)
     xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
     ya = ours.to(memory_format=fmt)(xa)
-    torch.backends.mkldnn.enabled = False  # the reference on torch's own kernels
+    was = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = False  # the reference on torch's own kernels (mkldnn.flags() also warns about TF32)
     try:
         yb = ref(xb)
         (yb * yb.detach().sin()).sum().backward()
     finally:
-        torch.backends.mkldnn.enabled = True
+        torch.backends.mkldnn.enabled = was
     (ya * ya.detach().sin()).sum().backward()
     torch.testing.assert_close(ya, yb, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(xa.grad, xb.grad, atol=1e-5, rtol=1e-5)

@@ -20,6 +20,7 @@ from resviz.experiments.figures import lines
 from resviz.experiments.twins import reference_twins
 from resviz.nn.scoped import removed, reordered
 from resviz.plots import lesion_figure
+from resviz.theme import OFF_COLOR
 from resviz.train.trainer import evaluate
 
 NAME = "lesion"
@@ -269,7 +270,7 @@ def figures(result: dict[str, Any]) -> dict[str, go.Figure]:
             result["chance"], f"Deleting one block of the trained plain-{ref['depth']} (the plain net the checks use)")
     k = lines(curves["k"], {f"{n} (intact {result['intact'][n]:.0%})": curves["random"][n] for n in ("residual", "plain")},
               title="Deleting k random blocks at once", xaxis="blocks deleted", yaxis="test accuracy", percent=True)
-    k.add_hline(y=result["chance"], line={"dash": "dot", "color": "#9E9E9E"}, annotation_text="chance")
+    k.add_hline(y=result["chance"], line={"dash": "dot", "color": OFF_COLOR}, annotation_text="chance")
     swaps = lines(curves["swaps"], {n: curves["reorder"][n] for n in ("residual", "plain")},
                   title="Swapping random pairs of same-shape blocks", xaxis="swaps", yaxis="test accuracy", percent=True)
     return {**out, "random_deletions": k, "reordering": swaps}
