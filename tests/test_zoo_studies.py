@@ -166,3 +166,16 @@ def test_branch_scales_are_the_scales_of_the_norm_that_ends_each_branch() -> Non
     assert responses.branch_scales(net) == pytest.approx([0.5, 1.5, 2.5])
     pre = build_net(NetConfig(depth=8, width=4, num_classes=3, input_size=8, block=BlockConfig(order="pre")))
     assert all(np.isnan(v) for v in responses.branch_scales(pre))  # F(x) ends in a conv there, not in a norm
+
+
+def test_degradation_twin_check_takes_a_tie_where_both_nets_fit_but_not_where_plain_degrades() -> None:
+    def rows(*errs: tuple[int, float, float]) -> list[dict]:
+        return [{"depth": d, "residual_train_err": r, "plain_train_err": p} for d, r, p in errs]
+
+    def twin_check(rs: list[dict]) -> dict:
+        return next(c for c in degradation._checks(rs, 20) if c["claim"].startswith("the residual net trains no worse"))
+
+    # the zoo's case: both depth-20 nets fit the training set (a tie), the plain nets degrade deeper
+    assert twin_check(rows((20, 0.0005, 0.0005), (56, 0.0007, 0.145), (110, 0.0013, 0.873)))["holds"] is True
+    assert twin_check(rows((20, 0.0005, 0.0004), (56, 0.0007, 0.145)))["holds"] is False  # plain-20 better: not a tie
+    assert twin_check(rows((20, 0.0005, 0.0005), (56, 0.1, 0.1)))["holds"] is False  # a tie at the deepest: no effect

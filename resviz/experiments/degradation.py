@@ -107,8 +107,11 @@ def _checks(rows: list[dict[str, Any]], reference: int) -> list[dict[str, Any]]:
         check(f"ResNet-{d1} trains no worse than ResNet-{d0} (within {TOLERANCE:.0%})",
               deep["residual_train_err"] <= shallow["residual_train_err"] + TOLERANCE,
               f"{deep['residual_train_err']:.1%} vs {shallow['residual_train_err']:.1%}"),
-        check("the residual net trains better than its plain twin at every depth from 20 on",
-              all(r["residual_train_err"] < r["plain_train_err"] for r in deep_rows),
+        # "no worse" rather than "better" at every depth: where both nets fit the training set (ResNet-20 and plain-20
+        # on the zoo, like He et al.'s 8.75% vs 9.5% test error at depth 20) their errors tie
+        check(f"the residual net trains no worse than its plain twin at every depth from 20 on, and better at depth {d1}",
+              all(r["residual_train_err"] <= r["plain_train_err"] for r in deep_rows)
+              and deep["residual_train_err"] < deep["plain_train_err"],
               ", ".join(f"{r['depth']}: {r['residual_train_err']:.1%} vs {r['plain_train_err']:.1%}" for r in deep_rows)),
     ]
 
