@@ -268,11 +268,13 @@ def figures(result: dict[str, Any]) -> dict[str, go.Figure]:
         out["plain_reference_single"] = _single_figure(
             ref["downsampling"], {f"plain-{ref['depth']}": ref["single"]}, {f"plain-{ref['depth']}": ref["intact"]},
             result["chance"], f"Deleting one block of the trained plain-{ref['depth']} (the plain net the checks use)")
-    k = lines(curves["k"], {f"{n} (intact {result['intact'][n]:.0%})": curves["random"][n] for n in ("residual", "plain")},
-              title="Deleting k random blocks at once", xaxis="blocks deleted", yaxis="test accuracy", percent=True)
+    k = lines(curves["k"], {f"{names[n]} (intact {result['intact'][n]:.0%})": curves["random"][n] for n in names},
+              title=f"Deleting k random blocks at once (ResNet-{depth} and its plain twin)", xaxis="blocks deleted",
+              yaxis="test accuracy", percent=True)
     k.add_hline(y=result["chance"], line={"dash": "dot", "color": OFF_COLOR}, annotation_text="chance")
-    swaps = lines(curves["swaps"], {n: curves["reorder"][n] for n in ("residual", "plain")},
-                  title="Swapping random pairs of same-shape blocks", xaxis="swaps", yaxis="test accuracy", percent=True)
+    swaps = lines(curves["swaps"], {names[n]: curves["reorder"][n] for n in names},
+                  title=f"Swapping random pairs of same-shape blocks (ResNet-{depth} and its plain twin)", xaxis="swaps",
+                  yaxis="test accuracy", percent=True)
     return {**out, "random_deletions": k, "reordering": swaps}
 
 
