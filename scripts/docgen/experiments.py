@@ -200,6 +200,7 @@ def zoo(r: Results, manifest: Mapping[str, Any]) -> dict[str, str]:
                           f"({deep['steps']:,} steps of batch {deep['train']['batch_size']})",
             "zoo.plain_deep": f"{pct(plain_deep['test_acc'])} test accuracy (plain-{plain_deep['config']['depth']})",
             "zoo.chance": pct(1 / plain_deep["config"]["num_classes"]),
+            "zoo.decay": f"{deep['train']['weight_decay']:.0e}".replace("e-0", "e-"),
             "zoo.responses": _zoo_responses(r["responses-zoo"], deep),
             "zoo.sources": "; ".join(f"{STUDY_LABELS[n].split('. ')[1]}: {r[f'{n}-zoo']['source']}" for n in STUDY_LABELS)}
 
