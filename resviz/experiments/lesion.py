@@ -19,7 +19,7 @@ from resviz.experiments.common import MEDIUM_TRAINING, ZOO, Progress, TrainedStu
 from resviz.experiments.figures import lines
 from resviz.experiments.twins import reference_twins
 from resviz.nn.scoped import removed, reordered
-from resviz.plots import lesion_figure
+from resviz.plots import lesion_figure, net_color
 from resviz.theme import OFF_COLOR
 from resviz.train.trainer import evaluate
 
@@ -275,6 +275,11 @@ def figures(result: dict[str, Any]) -> dict[str, go.Figure]:
     swaps = lines(curves["swaps"], {names[n]: curves["reorder"][n] for n in names},
                   title=f"Swapping random pairs of same-shape blocks (ResNet-{depth} and its plain twin)", xaxis="swaps",
                   yaxis="test accuracy", percent=True)
+    swaps.update_xaxes(dtick=1)  # a whole number of swaps
+    if ref and ref.get("one_swap") is not None:  # the trained plain net the swap check compares with
+        name = f"plain-{ref['depth']}, one swap"
+        swaps.add_trace(go.Scatter(x=[1], y=[ref["one_swap"]], mode="markers", name=name,
+                                   marker={"color": net_color("plain"), "symbol": "diamond", "size": 11}))
     return {**out, "random_deletions": k, "reordering": swaps}
 
 
