@@ -52,9 +52,70 @@ def _start(name: str, budget: str, seed: int) -> None:
 
 
 # -- drawing --------------------------------------------------------------------------------------
+# The studies' row fields as a reader names them; "%" marks a fraction shown as a percentage. A field not listed
+# keeps its name with spaces for underscores, and its numbers get four significant digits.
+COLUMNS: dict[str, tuple[str, str | None]] = {
+    "residual_train_err": ("ResNet train error", "%"), "plain_train_err": ("plain train error", "%"),
+    "residual_test_err": ("ResNet test error", "%"), "plain_test_err": ("plain test error", "%"),
+    "paper_residual_test_err": ("paper: ResNet test error", "%"), "paper_plain_test_err": ("paper: plain test error", "%"),
+    "residual_final_loss": ("ResNet final train loss", None), "plain_final_loss": ("plain final train loss", None),
+    "status": ("nets", None),
+    "block": ("deleted block", None), "residual_acc": ("ResNet accuracy", "%"), "plain_acc": ("plain accuracy", "%"),
+    "residual": ("ResNet", None), "plain": ("plain", None),
+    "mean_branch_std": ("mean std of F(x)", None), "median_branch_std": ("median std of F(x)", None),
+    "max_branch_std": ("largest std of F(x)", None), "mean_layer_std": ("mean std, every 3x3 layer", None),
+    "mean_branch_scale": ("mean scale γ of F(x)'s norm", None),
+    "center_loss": ("loss at the centre", None), "max_loss": ("highest loss on the slice", None),
+    "mean_rise_r<=half": ("mean rise within half the span", None), "nonconvexity": ("non-convexity |λmin/λmax|", None),
+    "residual_lag1": ("ResNet lag-1 correlation", None), "plain_lag1": ("plain lag-1 correlation", None),
+    "residual_lag4": ("ResNet lag-4 correlation", None), "plain_lag4": ("plain lag-4 correlation", None),
+    "init_var_first": ("variance, first block (init)", None), "init_var_last": ("variance, last block (init)", None),
+    "init_growth": ("variance growth (init)", None), "init_mean_sq_last": ("mean square, last block (init)", None),
+    "trained_growth": ("variance growth (trained)", None), "final_loss": ("final train loss", None),
+    "deletion": ("deletion ↓", None), "insertion": ("insertion ↑", None), "pointing": ("pointing ↑", "%"),
+    "energy": ("mask energy ↑", "%"), "accuracy": ("accuracy", "%"),
+}
+
+
 def _flat(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The rows' plain values (nested lists and dicts left out), for ``st.dataframe``."""
     return [{k: v for k, v in r.items() if not isinstance(v, (list, dict))} for r in rows]
+
+
+def column_config(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Readable headers for a study's table, fractions as percentages, other numbers to four significant digits."""
+    out: dict[str, Any] = {}
+    for key in dict.fromkeys(k for r in rows for k in r):
+        label, kind = COLUMNS.get(key, (key.replace("_", " "), None))
+        values = [r[key] for r in rows if r.get(key) is not None]
+        if kind == "%":
+            out[key] = st.column_config.NumberColumn(label, format="percent")
+        elif values and all(isinstance(v, float) for v in values):
+            out[key] = st.column_config.NumberColumn(label, format="%.4g")
+        else:
+            out[key] = st.column_config.Column(label)
+    return out
+
+
+FIRST = ("net", "variant", "method", "experiment", "depth", "block", "stage", "downsampling", "blocks")  # what a row is
+LAST = ("paper_residual_test_err", "paper_plain_test_err", "status")  # beside the paper's own table; the nets' names
+
+
+def column_order(rows: list[dict[str, Any]]) -> list[str]:
+    """What a row is first, then the measurements in :data:`COLUMNS`' order, then any other field, then :data:`LAST`."""
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    rank = {k: i for i, k in enumerate((*FIRST, *COLUMNS))}
+    ordered = sorted(keys, key=lambda k: (k in LAST, rank.get(k, len(rank)), keys.index(k)))
+    return ordered
+
+
+def _table(where: Any, rows: list[dict[str, Any]], key: str) -> None:
+    flat = _flat(rows)
+    if flat and all(isinstance(v, str) or v is None for r in flat for v in r.values()):  # findings in words: a list
+        where.markdown("\n".join("- " + " · ".join(f"**{v}**" if k != "finding" else v for k, v in sorted(
+            r.items(), key=lambda kv: kv[0] == "finding") if v) for r in flat))
+        return
+    where.dataframe(flat, hide_index=True, key=key, column_config=column_config(flat), column_order=column_order(flat))
 
 
 def shown_figures(result: dict[str, Any], figures: dict[str, Any] | None = None, *, three_d: bool = False) -> dict[str, Any]:
@@ -76,9 +137,9 @@ def show_result(result: dict[str, Any], key: str, figures: dict[str, Any] | None
         box(f"**{'Reproduced' if c['holds'] else 'Not reproduced'}:** {c['claim']}. {c['detail']}")
     ours, paper = st.columns([3, 2])
     ours.markdown("**Ours** (built-in `shapes` data)")
-    ours.dataframe(_flat(result["rows"]), hide_index=True, key=f"{key}_rows")
+    _table(ours, result["rows"], f"{key}_rows")
     paper.markdown("**The paper**")
-    paper.dataframe(_flat(result.get("paper_rows", [])), hide_index=True, key=f"{key}_paper")
+    _table(paper, result.get("paper_rows", []), f"{key}_paper")
     figures = study_figures(result) if figures is None else figures
     three_d = False
     if "contours" in figures:  # a browser without a GPU takes seconds to draw a 3-D surface: contours first

@@ -74,3 +74,23 @@ def test_every_study_opens_with_its_stored_zoo_result_at_once(name: str) -> None
     shown = [m.value for m in at.success] + [m.value for m in at.warning]
     assert all(any(c["claim"] in text for text in shown) for c in result["checks"])
     assert any(stored.command(name) in c.value for c in at.caption)
+
+
+def test_study_tables_name_their_columns_and_put_what_a_row_is_first() -> None:
+    import json
+
+    at = ok(app(TINY, PAGE))
+    at.selectbox(key="x_study").set_value("degradation")
+    ok(at.run())
+    ours = at.dataframe[0].proto
+    config = json.loads(ours.columns)
+    assert list(ours.column_order)[:3] == ["depth", "residual_train_err", "plain_train_err"]
+    assert list(ours.column_order)[-1] == "status"  # the nets' names after the numbers
+    assert config["residual_train_err"] == {"label": "ResNet train error", "type_config": {"type": "number", "format": "percent"}}
+    assert config["residual_final_loss"]["type_config"]["format"] == "%.4g"
+    assert "_" not in "".join(c["label"] for c in config.values() if "label" in c)  # no field name shown raw
+    at.selectbox(key="x_study").set_value("responses")
+    ok(at.run())
+    assert list(at.dataframe[0].proto.column_order)[0] == "net"
+    findings = [m.value for m in at.markdown if m.value.startswith("- ")]  # the paper's findings in words: a list
+    assert any("ResNets have generally smaller responses" in f for f in findings)
