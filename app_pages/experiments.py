@@ -104,16 +104,27 @@ LAST = ("paper_residual_test_err", "paper_plain_test_err", "status")  # beside t
 def column_order(rows: list[dict[str, Any]]) -> list[str]:
     """What a row is first, then the measurements in :data:`COLUMNS`' order, then any other field, then :data:`LAST`."""
     keys = list(dict.fromkeys(k for r in rows for k in r))
-    rank = {k: i for i, k in enumerate((*FIRST, *COLUMNS))}
+    rank: dict[str, int] = {}
+    for k in (*FIRST, *COLUMNS):
+        rank.setdefault(k, len(rank))
     ordered = sorted(keys, key=lambda k: (k in LAST, rank.get(k, len(rank)), keys.index(k)))
     return ordered
+
+
+def _finding(row: dict[str, str | None]) -> str:
+    """One of the paper's findings in words: what it is about in bold, then each net's finding by name."""
+    said = {k: v for k, v in row.items() if v and v.strip() not in ("-", "")}
+    order = column_order([said])
+    parts = [f"**{said[k]}**" for k in order if k in FIRST]
+    parts += [said[k] if k == "finding" else f"{COLUMNS.get(k, (k.replace('_', ' '), None))[0]}: {said[k]}"
+              for k in order if k not in FIRST]
+    return " — ".join(parts)
 
 
 def _table(where: Any, rows: list[dict[str, Any]], key: str) -> None:
     flat = _flat(rows)
     if flat and all(isinstance(v, str) or v is None for r in flat for v in r.values()):  # findings in words: a list
-        where.markdown("\n".join("- " + " · ".join(f"**{v}**" if k != "finding" else v for k, v in sorted(
-            r.items(), key=lambda kv: kv[0] == "finding") if v) for r in flat))
+        where.markdown("\n".join(f"- {_finding(r)}" for r in flat))
         return
     where.dataframe(flat, hide_index=True, key=key, column_config=column_config(flat), column_order=column_order(flat))
 

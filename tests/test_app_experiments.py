@@ -94,3 +94,12 @@ def test_study_tables_name_their_columns_and_put_what_a_row_is_first() -> None:
     assert list(at.dataframe[0].proto.column_order)[0] == "net"
     findings = [m.value for m in at.markdown if m.value.startswith("- ")]  # the paper's findings in words: a list
     assert any("ResNets have generally smaller responses" in f for f in findings)
+
+
+def test_a_findings_row_reads_as_a_sentence_with_its_subject_first(monkeypatch: pytest.MonkeyPatch) -> None:
+    from app_pages.experiments import _finding
+
+    row = {"plain": "error jumps to chance", "experiment": "delete one block", "residual": "error stays low"}
+    assert _finding(row) == "**delete one block** — ResNet: error stays low — plain: error jumps to chance"
+    assert _finding({"experiment": "swap blocks", "plain": "-", "residual": "error grows smoothly"}) == (
+        "**swap blocks** — ResNet: error grows smoothly")  # a dash stands for nothing said
