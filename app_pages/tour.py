@@ -1,8 +1,8 @@
 """The guided tour, the landing page: why residual networks work, in six short steps.
 
 Each step says what to look at, shows one picture measured from a real model (the shipped ResNet-32
-and its plain twin, nets at initialisation, or the studies' stored results) and offers one control.
-The step lives in the URL (``?step=3``), so every step has its own link.
+and its plain twin, the study zoo's ResNet-56 pair, nets at initialisation, or the studies' stored
+results) and offers one control. The step lives in the URL (``?step=3``), so every step has its own link.
 """
 
 from __future__ import annotations
@@ -20,31 +20,39 @@ from resviz import plots, zoo
 from resviz.analysis.inspection import Lesion, inspect_image
 from resviz.experiments.runner import study_figures
 from resviz.experiments.stored import command, load_stored
-from resviz.experiments.tour import TWINS, gradient_norms_at_init, lesion_curve, stored_result
+from resviz.experiments.tour import DELETION_TWINS, TWINS, gradient_norms_at_init, lesion_curve, stored_result
 
 STEPS = ("The block", "Degradation", "Why: gradients", "Ensembles", "Loss landscapes", "Your turn")
 LESION_IMAGES = 256  # test images per accuracy in the deletion step: about a second for all k on a laptop CPU
 
 
 @st.cache_resource(show_spinner=False)
-def _twins() -> dict[str, tuple]:
-    """The shipped ResNet-32 and its plain twin with their infos, loaded once per server (read-only)."""
+def _twins(names: tuple[str, str] = TWINS) -> dict[str, tuple]:
+    """A shipped residual net and its plain twin with their infos, loaded once per server (read-only); empty when
+    either is missing."""
     by_name = {m.name: m for m in zoo.shipped_models()}
-    return {("residual" if "resnet" in n else "plain"): zoo.load_shipped(by_name[n]) for n in TWINS if n in by_name}
+    if not all(n in by_name for n in names):
+        return {}
+    return {("residual" if "resnet" in n else "plain"): zoo.load_shipped(by_name[n]) for n in names}
 
 
 @st.cache_data(show_spinner=False)
-def _samples() -> tuple[np.ndarray, np.ndarray]:
-    _net, info = _twins()["residual"]
+def _samples(names: tuple[str, str] = TWINS) -> tuple[np.ndarray, np.ndarray]:
+    _net, info = _twins(names)["residual"]
     data = zoo.dataset_samples(info, LESION_IMAGES)
     x, y = data.tensors
     return x[:LESION_IMAGES].numpy(), y[:LESION_IMAGES].numpy()
 
 
+def _deletion_pair() -> tuple[str, str]:
+    """The zoo's converged ResNet-56 pair when it is shipped, else the ResNet-32 pair."""
+    return DELETION_TWINS if _twins(DELETION_TWINS) else TWINS
+
+
 @st.cache_data(show_spinner=False)
-def _deletions(max_k: int) -> tuple[tuple[int, ...], dict[str, tuple[float, ...]]]:
-    x, y = (torch.from_numpy(a) for a in _samples())
-    nets = {name: net for name, (net, _info) in _twins().items()}
+def _deletions(max_k: int, names: tuple[str, str]) -> tuple[tuple[int, ...], dict[str, tuple[float, ...]]]:
+    x, y = (torch.from_numpy(a) for a in _samples(names))
+    nets = {name: net for name, (net, _info) in _twins(names).items()}
     curve = lesion_curve(nets, x, y, tuple(range(max_k + 1)))
     return curve.ks, curve.accuracy
 
@@ -120,15 +128,21 @@ def _step_gradients() -> None:
 
 
 def _step_ensembles() -> None:
-    st.markdown("Veit et al. (2016): a residual net behaves like an ensemble of many shorter paths, so it "
-                "survives losing blocks: the trained ResNet-32 loses accuracy step by step as blocks go, "
-                "while its plain twin drops to chance (12.5%) at the first deletion.")
+    names = _deletion_pair()
+    depth = _twins(names)["residual"][0].cfg.depth
+    st.markdown(f"Veit et al. (2016): a residual net behaves like an ensemble of many shorter paths, so it "
+                f"survives losing blocks: delete a few blocks of the trained ResNet-{depth} and it barely notices, "
+                "then it loses accuracy step by step as more go. Its plain twin, trained on the same batches, has "
+                "one path only: it drops to about chance (12.5%) at the first deletion.")
     k = st.slider("Blocks deleted at random", 1, 6, 3, key="tour_k")
-    ks, acc = _deletions(6)
-    show_chart(plots.deletion_curve_figure(ks[: k + 1], {n: a[: k + 1] for n, a in acc.items()}, chance=1 / 8),
+    ks, acc = _deletions(6, names)
+    named = {f"ResNet-{depth}": acc["residual"], f"plain-{depth}": acc["plain"]}
+    show_chart(plots.deletion_curve_figure(ks[: k + 1], {n: a[: k + 1] for n, a in named.items()}, chance=1 / 8),
                "tour_del_fig")
-    st.caption(f"Shipped ResNet-32 and plain-32 on {LESION_IMAGES} `shapes` test images; the same random blocks "
-               "for both nets, mean of 3 draws per k.")
+    st.caption(f"Shipped ResNet-{depth} and plain-{depth} on {LESION_IMAGES} `shapes` test images; the same random "
+               f"blocks for both nets, mean of 3 draws per k. One block deleted: ResNet-{depth} "
+               f"{acc['residual'][1]:.0%} (intact {acc['residual'][0]:.0%}), plain-{depth} {acc['plain'][1]:.0%} "
+               f"(intact {acc['plain'][0]:.0%}).")
 
 
 LANDSCAPE_VIEWS = ("both, from above", "3-D: residual", "3-D: plain")

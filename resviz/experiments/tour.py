@@ -1,8 +1,9 @@
 """What the guided tour measures: small, fast computations on shipped nets and stored study results.
 
 Every picture of the tour is a real measurement: the shipped ResNet-32 and its plain twin (same start
-weights and batches) on the ``shapes`` test split, nets built at initialisation, and the results the
-studies stored in ``docs/results/`` (``python -m scripts.docgen results`` recomputes them).
+weights and batches) and the study zoo's converged ResNet-56 pair on the ``shapes`` test split, nets
+built at initialisation, and the results the studies stored in ``docs/results/`` (``python -m
+scripts.docgen results`` recomputes them).
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from resviz.train.state import evaluate
 
 RESULTS_DIR = Path(__file__).resolve().parents[2] / "docs" / "results"
 TWINS = ("shapes_resnet32", "shapes_plain32")  # the shipped residual net and its plain twin
+# the deletion step's pair: the study zoo's converged ResNet-56 and its plain twin, which trains (plain-110 does not)
+DELETION_TWINS = ("shapes_resnet56", "shapes_plain56")
 
 
 def stored_result(name: str, root: Path | None = None) -> dict[str, Any] | None:
