@@ -82,11 +82,15 @@ def _flat(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{k: v for k, v in r.items() if not isinstance(v, (list, dict))} for r in rows]
 
 
+def _column(key: str) -> tuple[str, str | None]:
+    return COLUMNS.get(key, (key.replace("_", " "), None))
+
+
 def column_config(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """Readable headers for a study's table, fractions as percentages, other numbers to four significant digits."""
     out: dict[str, Any] = {}
     for key in dict.fromkeys(k for r in rows for k in r):
-        label, kind = COLUMNS.get(key, (key.replace("_", " "), None))
+        label, kind = _column(key)
         values = [r[key] for r in rows if r.get(key) is not None]
         if kind == "%":
             out[key] = st.column_config.NumberColumn(label, format="percent")
@@ -107,8 +111,7 @@ def column_order(rows: list[dict[str, Any]]) -> list[str]:
     rank: dict[str, int] = {}
     for k in (*FIRST, *COLUMNS):
         rank.setdefault(k, len(rank))
-    ordered = sorted(keys, key=lambda k: (k in LAST, rank.get(k, len(rank)), keys.index(k)))
-    return ordered
+    return sorted(keys, key=lambda k: (k in LAST, rank.get(k, len(rank)), keys.index(k)))
 
 
 def _finding(row: dict[str, str | None]) -> str:
@@ -116,8 +119,7 @@ def _finding(row: dict[str, str | None]) -> str:
     said = {k: v for k, v in row.items() if v and v.strip() not in ("-", "")}
     order = column_order([said])
     parts = [f"**{said[k]}**" for k in order if k in FIRST]
-    parts += [said[k] if k == "finding" else f"{COLUMNS.get(k, (k.replace('_', ' '), None))[0]}: {said[k]}"
-              for k in order if k not in FIRST]
+    parts += [said[k] if k == "finding" else f"{_column(k)[0]}: {said[k]}" for k in order if k not in FIRST]
     return " — ".join(parts)
 
 

@@ -131,9 +131,9 @@ def _step_ensembles() -> None:
     names = _deletion_pair()
     depth = _twins(names)["residual"][0].cfg.depth
     st.markdown(f"Veit et al. (2016): a residual net behaves like an ensemble of many shorter paths, so it "
-                f"survives losing blocks: delete a few blocks of the trained ResNet-{depth} and it barely notices, "
-                "then it loses accuracy step by step as more go. Its plain twin, trained on the same batches, has "
-                "one path only: it drops to about chance (12.5%) at the first deletion.")
+                f"survives losing blocks: the trained ResNet-{depth} loses accuracy step by step as blocks go. Its "
+                "plain twin, trained on the same batches, has one path only: it drops to about chance (12.5%) at the "
+                "first deletion.")
     k = st.slider("Blocks deleted at random", 1, 6, 3, key="tour_k")
     ks, acc = _deletions(6, names)
     named = {f"ResNet-{depth}": acc["residual"], f"plain-{depth}": acc["plain"]}
