@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -77,8 +78,6 @@ def test_every_study_opens_with_its_stored_zoo_result_at_once(name: str) -> None
 
 
 def test_study_tables_name_their_columns_and_put_what_a_row_is_first() -> None:
-    import json
-
     at = ok(app(TINY, PAGE))
     at.selectbox(key="x_study").set_value("degradation")
     ok(at.run())
@@ -96,7 +95,7 @@ def test_study_tables_name_their_columns_and_put_what_a_row_is_first() -> None:
     assert any("ResNets have generally smaller responses" in f for f in findings)
 
 
-def test_a_findings_row_reads_as_a_sentence_with_its_subject_first(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_findings_row_reads_as_a_sentence_with_its_subject_first() -> None:
     from app_pages.experiments import _finding
 
     row = {"plain": "error jumps to chance", "experiment": "delete one block", "residual": "error stays low"}

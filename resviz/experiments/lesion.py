@@ -19,8 +19,8 @@ from resviz.experiments.common import MEDIUM_TRAINING, ZOO, Progress, TrainedStu
 from resviz.experiments.figures import lines
 from resviz.experiments.twins import reference_twins
 from resviz.nn.scoped import removed, reordered
-from resviz.plots import lesion_figure, net_color
-from resviz.theme import OFF_COLOR
+from resviz.plots import lesion_figure
+from resviz.theme import OFF_COLOR, PLAIN_COLOR
 from resviz.train.trainer import evaluate
 
 NAME = "lesion"
@@ -279,7 +279,7 @@ def figures(result: dict[str, Any]) -> dict[str, go.Figure]:
     if ref and ref.get("one_swap") is not None:  # the trained plain net the swap check compares with
         name = f"plain-{ref['depth']}, one swap"
         swaps.add_trace(go.Scatter(x=[1], y=[ref["one_swap"]], mode="markers", name=name,
-                                   marker={"color": net_color("plain"), "symbol": "diamond", "size": 11}))
+                                   marker={"color": PLAIN_COLOR, "symbol": "diamond", "size": 11}))
     return {**out, "random_deletions": k, "reordering": swaps}
 
 

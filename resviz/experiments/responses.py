@@ -163,33 +163,31 @@ def _checks(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 SPREAD_FOR_LOG = 20.0  # a log y-axis when the largest std is this many times the smallest
-
-
 DASHES = ("solid", "dot", "dash", "dashdot", "longdash")  # by depth, shallowest first: each depth pair reads apart
 
 
-def _dash_deeper(fig: go.Figure, depths: list[int]) -> go.Figure:
+def _dashed(fig: go.Figure, dash: dict[str, str]) -> go.Figure:
     for tr in fig.data:
-        depth = int(tr.name.rsplit("-", 1)[1]) if tr.name and tr.name.rsplit("-", 1)[-1].isdigit() else None
-        if depth in depths:
-            tr.line.dash = DASHES[depths.index(depth) % len(DASHES)]
+        tr.line.dash = dash.get(tr.name, tr.line.dash)
     return fig
 
 
 def figures(result: dict[str, Any]) -> dict[str, go.Figure]:
-    names = [r["net"] for r in result["rows"]]  # row order: JSON files sort the keys of "branch" and "layers"
-    depths = sorted({r["depth"] for r in result["rows"]})
+    rows = result["rows"]  # row order: JSON files sort the keys of "branch" and "layers"
+    depths = sorted({r["depth"] for r in rows})
+    label = {r["net"]: r["net"].replace("residual-", "ResNet-") for r in rows}  # named as in the checks
+    dash = {label[r["net"]]: DASHES[depths.index(r["depth"]) % len(DASHES)] for r in rows}
     out = {}
     for key, what, unit in (("branch", "each block's F(x), just before the addition", "block"),
                             ("layers", "each layer response", "layer")):
-        series = {n.replace("residual-", "ResNet-"): result[key][n] for n in names}  # named as in the checks
+        series = {label[n]: result[key][n] for n in label}
         ranked = {k: sorted(v, reverse=True) for k, v in series.items()}
         x = list(range(1, max((len(v) for v in series.values()), default=0) + 1))
         finite = [v for vs in series.values() for v in vs if v is not None and np.isfinite(v) and v > 0]
         log = bool(finite) and max(finite) > SPREAD_FOR_LOG * min(finite)  # an untrainable plain net's huge responses
         axis = "std (log scale)" if log else "std"
-        out[f"{key}_std"] = _dash_deeper(lines(x, series, title=f"Std of {what} (He et al. Fig. 7, top)",
-                                               xaxis=f"{unit} index (input to output)", yaxis=axis, log_y=log), depths)
-        out[f"{key}_std_sorted"] = _dash_deeper(lines(x, ranked, title=f"Std of {what}, sorted (He et al. Fig. 7, bottom)",
-                                                      xaxis="rank", yaxis=axis, log_y=log), depths)
+        out[f"{key}_std"] = _dashed(lines(x, series, title=f"Std of {what} (He et al. Fig. 7, top)",
+                                          xaxis=f"{unit} index (input to output)", yaxis=axis, log_y=log), dash)
+        out[f"{key}_std_sorted"] = _dashed(lines(x, ranked, title=f"Std of {what}, sorted (He et al. Fig. 7, bottom)",
+                                                 xaxis="rank", yaxis=axis, log_y=log), dash)
     return out
