@@ -536,6 +536,34 @@ def loss_contours_figure(surfaces: Mapping[str, Any], *, alphas: Sequence[float]
     return fig
 
 
+def curvature_maps_figure(maps: Mapping[str, Any], *, alphas: Sequence[float] | None = None,
+                          title: str = "Non-convexity |λmin/λmax| of the full Hessian (0: convex)") -> go.Figure:
+    """Li et al.'s Fig. 8 for several nets side by side: ``|lambda_min / lambda_max|`` at each measured point of a
+    loss slice (rows: beta, columns: alpha) as heatmap cells on one fixed 0..1 scale, each cell labelled with its
+    value. Cells, not contours: the map is measured on a coarse grid and is not interpolated between its points."""
+    names = [n for n in maps if _grid(maps[n])]
+    fig = make_subplots(rows=1, cols=max(1, len(names)), subplot_titles=names or None, horizontal_spacing=0.08)
+    fig.update_layout(title=title, template=TEMPLATE, height=430)
+    if not names:
+        return _no_data(fig)
+    label = "|λmin/λmax|"
+    fig.update_layout(coloraxis={"colorscale": SEQUENTIAL_ALT, "cmin": 0.0, "cmax": 1.0,
+                                 "colorbar": {"title": label, "thickness": 14}})
+    for col, name in enumerate(names, start=1):
+        z = _grid(maps[name])
+        ticks = _clean(alphas)[: len(z[0])] if alphas is not None else None
+        text = [["" if v is None else f"{v:.2f}" for v in row] for row in z]
+        fig.add_trace(go.Heatmap(z=z, x=ticks, y=ticks, coloraxis="coloraxis", name=name, text=text,
+                                 texttemplate="%{text}", xgap=1, ygap=1,
+                                 hovertemplate=f"{name}<br>alpha %{{x:.2f}}, beta %{{y:.2f}}: {label} %{{z:.3f}}<extra></extra>"),
+                      row=1, col=col)
+        fig.update_xaxes(title_text="alpha", row=1, col=col)
+        fig.update_yaxes(title_text="beta" if col == 1 else None, scaleanchor=f"x{col if col > 1 else ''}", row=1, col=col)
+    for ann, name in zip(fig.layout.annotations, names):
+        ann.font = {"color": net_color(name), "size": 14}
+    return fig
+
+
 def block_diagram_figure(skip: bool = True, *, norms: Mapping[str, float] | None = None) -> go.Figure:
     """The residual block y = act(F(x) + S(x)) drawn as boxes and arrows; the shortcut greys out when off.
 

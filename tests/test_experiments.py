@@ -10,6 +10,7 @@ import json
 import math
 from dataclasses import fields
 
+import numpy as np
 import plotly.graph_objects as go
 import pytest
 import torch
@@ -29,7 +30,7 @@ SMALL = {
     # The landscape trains at the study's own small budget: after TRAIN's 150 steps the plain-32 twin has
     # barely left its initialisation, and whether its slice then climbs above the residual net's depends
     # on the CPU's rounding (it did on one machine and not on another).
-    "landscape": {"grid": 7, "line_points": 7, "eval_size": 128},
+    "landscape": {"grid": 7, "line_points": 7, "eval_size": 128, "curvature_grid": 3, "curvature_iters": 4},
     "faithfulness": {**TRAIN, "depth": 32, "images": 10, "source": "train"},
     "signal": {**TRAIN, "depth": 14, "steps": 20, "batch": 64},
     "shattered": {"depths": (8, 56), "width": 8, "pairs": 1, "points": 16, "max_lag": 3},
@@ -96,6 +97,14 @@ def test_landscape_plain_is_sharper_and_less_convex() -> None:
     centre = res["surface"]["residual"][3][3]
     assert centre == pytest.approx(res["line"]["residual"][5], rel=1e-4)  # the slice centre is t = 1 on the line
     assert all(holds(res).values()), res["checks"]
+    assert res["curvature_alphas"] == [res["alphas"][i] for i in (0, 3, 6)]  # Li et al.'s map: a sub-grid of the slice
+    for row in res["rows"]:
+        c = res["curvature"][row["net"]]
+        assert np.shape(c["ratio"]) == np.shape(c["lambda_min"]) == (3, 3)
+        assert np.all(np.asarray(c["lambda_min"]) <= np.asarray(c["lambda_max"]))
+        assert row["center_lambda_max"] == c["lambda_max"][1][1] > 0  # the loss curves upwards somewhere at the centre
+        assert row["hessian_nonconvexity"] == pytest.approx(np.mean(c["ratio"]))
+    assert "curvature" in get_study("landscape").module.figures(res)
 
 
 @pytest.mark.slow
@@ -217,3 +226,8 @@ def test_reference_twins_source_pretrained_fails_clearly_without_checkpoints(mon
     with pytest.raises(ValueError, match="no shipped residual/plain pair"):
         twins.reference_twins(common.net_config(8, 4, 16, 8), cfg.data(), cfg.schedule(), seed=0, source="pretrained",
                                device="cpu")
+
+
+def test_nets_are_named_as_people_name_them() -> None:
+    assert [common.net_label(n) for n in ("residual-20", "residual", "plain-110", "plain")] == \
+        ["ResNet-20", "ResNet", "plain-110", "plain"]

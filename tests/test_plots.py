@@ -298,6 +298,19 @@ def test_loss_landscape_figure():
         assert has_no_data_note(empty)
 
 
+def test_curvature_maps_figure():
+    maps = {"residual": [[0.0, 0.5], [NAN, 1.0]], "plain": [[0.2, 0.1], [0.3, 0.4]]}
+    fig = plots.curvature_maps_figure(maps, alphas=[-1, 1])
+    renders(fig)
+    assert [t.type for t in fig.data] == ["heatmap", "heatmap"] and [t.name for t in fig.data] == ["residual", "plain"]
+    assert fig.layout.coloraxis.cmin == 0 and fig.layout.coloraxis.cmax == 1  # one fixed scale: 0 convex, 1 non-convex
+    assert fig.data[0].z[1][0] is None and fig.data[0].text[1][0] == "" and fig.data[0].text[0][1] == "0.50"
+    assert list(fig.data[1].x) == [-1, 1]
+    for empty in (plots.curvature_maps_figure({}), plots.curvature_maps_figure({"plain": []})):
+        renders(empty)
+        assert has_no_data_note(empty)
+
+
 def test_every_builder_uses_the_one_theme():
     import plotly.io as pio
 
@@ -306,6 +319,7 @@ def test_every_builder_uses_the_one_theme():
             plots.grad_norm_figure([1.0], [2.0]), plots.training_curves_figure({"residual": {"step": [0], "loss": [1.0]}}),
             plots.ratio_figure([0], [[1.0]]), plots.magnitude_bars([1.0], [2.0]), plots.topk_bars(["a"], [1.0]),
             plots.lesion_figure(["b0"], {"residual": [0.5]}), plots.loss_landscape_figure([[1.0, 2.0], [3.0, 4.0]]),
+            plots.curvature_maps_figure({"plain": [[0.1]]}),
             plots.block_diagram_figure(), plots.deletion_curve_figure([0], {"plain": [0.5]}), plots.merge_strip([]),
             plots.feature_grid(np.ones((1, 2, 2))), plots.attribution_overlay(np.ones((2, 2, 3)), np.ones((2, 2)))]
     for fig in figs:
