@@ -17,6 +17,7 @@ import streamlit as st
 from app_pages import jobs
 from app_pages.charts import show_chart
 from resviz.experiments import BUDGETS, STUDIES, stored
+from resviz.experiments.common import net_label
 from resviz.experiments.runner import StudyJob, study_figures
 from resviz.jobs import JobLimitError
 from resviz.storage.rundirs import list_runs, load_run
@@ -66,7 +67,9 @@ COLUMNS: dict[str, tuple[str, str | None]] = {
     "max_branch_std": ("largest std of F(x)", None), "mean_layer_std": ("mean std, every 3x3 layer", None),
     "mean_branch_scale": ("mean scale γ of F(x)'s norm", None),
     "center_loss": ("loss at the centre", None), "max_loss": ("highest loss on the slice", None),
-    "mean_rise_r<=half": ("mean rise within half the span", None), "nonconvexity": ("non-convexity |λmin/λmax|", None),
+    "mean_rise_r<=half": ("mean rise within half the span", None), "nonconvexity": ("non-convexity of the 2-D slice", None),
+    "hessian_nonconvexity": ("non-convexity, full Hessian (Li et al.)", None),
+    "center_lambda_max": ("largest Hessian eigenvalue at the centre", None),
     "residual_lag1": ("ResNet lag-1 correlation", None), "plain_lag1": ("plain lag-1 correlation", None),
     "residual_lag4": ("ResNet lag-4 correlation", None), "plain_lag4": ("plain lag-4 correlation", None),
     "init_var_first": ("variance, first block (init)", None), "init_var_last": ("variance, last block (init)", None),
@@ -78,8 +81,10 @@ COLUMNS: dict[str, tuple[str, str | None]] = {
 
 
 def _flat(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The rows' plain values (nested lists and dicts left out), for ``st.dataframe``."""
-    return [{k: v for k, v in r.items() if not isinstance(v, (list, dict))} for r in rows]
+    """The rows' plain values (nested lists and dicts left out), for ``st.dataframe``; nets named as in the checks and
+    figures (``residual-20`` -> ``ResNet-20``)."""
+    return [{k: net_label(v) if k == "net" and isinstance(v, str) else v for k, v in r.items()
+             if not isinstance(v, (list, dict))} for r in rows]
 
 
 def _column(key: str) -> tuple[str, str | None]:

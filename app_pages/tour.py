@@ -164,7 +164,11 @@ def _step_landscape() -> None:
     if {"residual", "plain"} <= rows.keys() and all("center_loss" in rows[n] for n in ("residual", "plain")):
         res, plain = rows["residual"], rows["plain"]
         measured = (f" At the trained weights the loss is {res['center_loss']:.3g} (residual) and {plain['center_loss']:.3g} "
-                    f"(plain); non-convexity {res['nonconvexity']:.2f} vs {plain['nonconvexity']:.2f}.")
+                    f"(plain); non-convexity of the slice {res['nonconvexity']:.2f} vs {plain['nonconvexity']:.2f}")
+        if all("hessian_nonconvexity" in r for r in (res, plain)):
+            measured += (f", of the full Hessian (Li et al.'s measure) {res['hessian_nonconvexity']:.2f} vs "
+                         f"{plain['hessian_nonconvexity']:.2f}")
+        measured += " (0: convex)."
     st.caption(f"Stored result of the landscape study on {_where(result)}: the training loss on a plane through the "
                f"trained weights along two random, filter-normalised directions.{measured}")
 

@@ -91,6 +91,8 @@ def test_study_tables_name_their_columns_and_put_what_a_row_is_first() -> None:
     at.selectbox(key="x_study").set_value("responses")
     ok(at.run())
     assert list(at.dataframe[0].proto.column_order)[0] == "net"
+    nets = at.dataframe[0].value["net"].tolist()  # named as the checks and figures name them
+    assert "ResNet-20" in nets and "plain-20" in nets and not any(n.startswith("residual") for n in nets)
     findings = [m.value for m in at.markdown if m.value.startswith("- ")]  # the paper's findings in words: a list
     assert any("ResNets have generally smaller responses" in f for f in findings)
 

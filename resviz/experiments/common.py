@@ -136,6 +136,16 @@ class Progress:
         return [self.span(edges[i] / total, edges[i + 1] / total) for i in range(len(weights))]
 
 
+NET_LABELS = {"residual": "ResNet", "plain": "plain"}  # how a study's net kinds are named on screen and in the docs
+
+
+def net_label(name: str) -> str:
+    """A study row's net as people name it: ``residual-20`` -> ``ResNet-20``, ``residual`` -> ``ResNet``; others
+    (``plain-20``) as they are."""
+    kind, dash, depth = name.partition("-")
+    return NET_LABELS.get(kind, kind) + dash + depth
+
+
 def as_progress(progress: ProgressFn | Progress | None) -> Progress:
     return progress if isinstance(progress, Progress) else Progress(progress)
 

@@ -20,7 +20,17 @@ import plotly.graph_objects as go
 import torch
 from torch import nn
 
-from resviz.experiments.common import MEDIUM_TRAINING, ZOO, ZOO_DEPTHS, Progress, TrainedStudyConfig, as_progress, check, timer
+from resviz.experiments.common import (
+    MEDIUM_TRAINING,
+    ZOO,
+    ZOO_DEPTHS,
+    Progress,
+    TrainedStudyConfig,
+    as_progress,
+    check,
+    net_label,
+    timer,
+)
 from resviz.experiments.figures import lines
 from resviz.experiments.twins import reference_twins
 from resviz.nn.blocks import Scale
@@ -143,7 +153,7 @@ def effect_checks(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """He et al. Fig. 7's ordering in full: every deeper ResNet's F(x) is smaller, and the shallowest plain net's largest."""
     ordered = chain(rows)
     values = [r["mean_branch_std"] for r in ordered]
-    names = [r["net"].replace("residual-", "ResNet-") for r in ordered]
+    names = [net_label(r["net"]) for r in ordered]
     return [check(" < ".join(f"std F(x) {n}" for n in names) + " (He et al. Fig. 7: ResNet-110 < ResNet-56 < ResNet-20 < plain-20)",
                   all(a < b for a, b in zip(values, values[1:], strict=False)),
                   ", ".join(f"{n}: {v:.3f}" for n, v in zip(names, values, strict=True)))]
@@ -175,7 +185,7 @@ def _dashed(fig: go.Figure, dash: dict[str, str]) -> go.Figure:
 def figures(result: dict[str, Any]) -> dict[str, go.Figure]:
     rows = result["rows"]  # row order: JSON files sort the keys of "branch" and "layers"
     depths = sorted({r["depth"] for r in rows})
-    label = {r["net"]: r["net"].replace("residual-", "ResNet-") for r in rows}  # named as in the checks
+    label = {r["net"]: net_label(r["net"]) for r in rows}  # named as in the checks
     dash = {label[r["net"]]: DASHES[depths.index(r["depth"]) % len(DASHES)] for r in rows}
     out = {}
     for key, what, unit in (("branch", "each block's F(x), just before the addition", "block"),

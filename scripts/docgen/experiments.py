@@ -10,19 +10,15 @@ import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import numpy as np
+
 from resviz.experiments import responses as responses_study
+from resviz.experiments.common import NET_LABELS, net_label
 from scripts.docgen.fmt import DASH, checks, fixed, pct, seconds, sig, table
 
 Results = Mapping[str, dict[str, Any]]
 METHOD_LABELS = {"integrated_gradients": "integrated gradients", "saliency": "saliency", "gradcam": "Grad-CAM",
                  "occlusion": "occlusion", "random": "random"}
-NET_LABELS = {"residual": "ResNet", "plain": "plain"}
-
-
-def _net(name: str) -> str:
-    """``residual-20`` -> ``ResNet-20``, ``plain`` -> ``plain``."""
-    kind, _, depth = name.partition("-")
-    return NET_LABELS.get(kind, kind) + (f"-{depth}" if depth else "")
 
 
 def budget(r: Results, cpu: Mapping[str, float]) -> dict[str, str]:
@@ -58,7 +54,9 @@ WHAT_RUNS: dict[str, Callable[[dict[str, Any]], str]] = {
     "responses": lambda x: "trains depths " + " and ".join(str(d) for d in x["config"]["depths"]),
     "signal": lambda x: f"{len(x['rows'])} variants x {x['config']['steps']} steps",
     "landscape": lambda x: f"trains {_pairs(x['config'])}, {x['config']['grid']} x {x['config']['grid']} slice + "
-                           f"{x['config']['line_points']}-point line per net",
+                           f"{x['config']['line_points']}-point line per net"
+                           + (f", full-Hessian map on {len(x['curvature_alphas'])} x {len(x['curvature_alphas'])} points "
+                              f"({x['config']['curvature_iters']} Lanczos steps each)" if x.get("curvature_alphas") else ""),
     "shattered": lambda x: "initialisation only",
     "faithfulness": lambda x: f"trains {_pairs(x['config'])}, {x['config']['images']} images x "
                               f"{len(x['config']['methods'])} maps per net",
@@ -107,7 +105,7 @@ def lesion(r: Results, key: str = "lesion") -> dict[str, str]:
 
 def responses(r: Results) -> dict[str, str]:
     res = r["responses"]
-    rows = [(_net(x["net"]), x["blocks"], sig(x["mean_branch_std"]), sig(x["median_branch_std"]), sig(x["max_branch_std"]),
+    rows = [(net_label(x["net"]), x["blocks"], sig(x["mean_branch_std"]), sig(x["median_branch_std"]), sig(x["max_branch_std"]),
              sig(x["mean_layer_std"])) for x in res["rows"]]
     return {"responses.table": table(["net", "blocks", "mean std of F(x)", "median", "max", "mean std, all layer responses"],
                                      rows),
@@ -130,14 +128,21 @@ def signal(r: Results) -> dict[str, str]:
 def landscape(r: Results, key: str = "landscape") -> dict[str, str]:
     res = r[key]
     d = res["config"]["depth"]
+    hessian = all("hessian_nonconvexity" in x for x in res["rows"])
     rows = [(f"{NET_LABELS[x['net']]}-{d}", sig(x["center_loss"]), sig(x["mean_rise_r<=half"]), sig(x["max_loss"]),
-             fixed(x["nonconvexity"])) for x in res["rows"]]
+             fixed(x["nonconvexity"]), *([fixed(x["hessian_nonconvexity"]), sig(x["center_lambda_max"])] if hessian else []))
+            for x in res["rows"]]
     cfg = res["config"]
-    return {f"{key}.table": table(["net", "loss at centre", "mean rise within r ≤ 0.5", "highest loss on the slice",
-                                   "non-convexity"], rows),
+    sub = len(res.get("curvature_alphas", []))
+    headers = ["net", "loss at centre", "mean rise within r ≤ 0.5", "highest loss on the slice", "non-convexity of the slice",
+               *(["non-convexity, full Hessian", "λmax at the centre"] if hessian else [])]
+    curvature = (f"{sub} x {sub} points of the slice, {cfg['curvature_iters']} Lanczos steps on {cfg['curvature_size']} "
+                 "training images each" if hessian else "not measured in this stored result")
+    return {f"{key}.table": table(headers, rows),
             f"{key}.checks": checks(res), f"{key}.depth": str(d), f"{key}.grid": f"{cfg['grid']} x {cfg['grid']}",
             f"{key}.eval_size": str(cfg["eval_size"]), f"{key}.span": f"{cfg['span']:g}", f"{key}.source": res["source"],
-            f"{key}.centre": " and ".join(sig(x["center_loss"]) for x in res["rows"])}
+            f"{key}.centre": " and ".join(sig(x["center_loss"]) for x in res["rows"]), f"{key}.curvature": curvature,
+            f"{key}.convexity": convexity(res)}
 
 
 def shattered(r: Results) -> dict[str, str]:
@@ -195,14 +200,51 @@ def zoo(r: Results, manifest: Mapping[str, Any]) -> dict[str, str]:
                                "training"], rows),
             "zoo.checks": table(["study", "kind", "claim (the paper's number in brackets)", "ours", "holds"], effects),
             "zoo.held": f"{held} of {len(effects)}",
-            "zoo.landscape": f"{land['grid']} x {land['grid']} points on {land['eval_size']} training images",
+            "zoo.landscape": f"{land['grid']} x {land['grid']} points on {land['eval_size']} training images, and their "
+                             "full-Hessian map on " + landscape(r, "landscape-zoo")["landscape-zoo.curvature"],
             "zoo.recipe": f"{deep['train']['epochs']:g} epochs of {deep['dataset']['train_size']:,} images "
                           f"({deep['steps']:,} steps of batch {deep['train']['batch_size']})",
             "zoo.plain_deep": f"{pct(plain_deep['test_acc'])} test accuracy (plain-{plain_deep['config']['depth']})",
             "zoo.chance": pct(1 / plain_deep["config"]["num_classes"]),
             "zoo.decay": f"{deep['train']['weight_decay']:.0e}".replace("e-0", "e-"),
             "zoo.responses": _zoo_responses(r["responses-zoo"], deep),
+            "zoo.convexity": convexity(r["landscape-zoo"]),
             "zoo.sources": "; ".join(f"{STUDY_LABELS[n].split('. ')[1]}: {r[f'{n}-zoo']['source']}" for n in STUDY_LABELS)}
+
+
+def convexity(res: Mapping[str, Any]) -> str:
+    """How a landscape result's slices compare by Li et al.'s own convexity measure (the full Hessian), by the slice's
+    own curvature, and by the sharpness of the two minimisers."""
+    rows = {x["net"]: x for x in res["rows"]}
+    r, p = rows["residual"], rows["plain"]
+    d = res["config"]["depth"]
+    if "hessian_nonconvexity" not in r or "hessian_nonconvexity" not in p:
+        return "The stored landscape result predates the full-Hessian map."
+    maps = {n: np.asarray(res["curvature"][n]["ratio"], dtype=float) for n in ("residual", "plain")}
+    k = maps["residual"].shape[0]
+    inner = {n: m[1:-1, 1:-1] for n, m in maps.items()}
+    ring = {n: (np.nansum(m) - np.nansum(inner[n])) / (m.size - inner[n].size) for n, m in maps.items()}
+    ratio = p["hessian_nonconvexity"] / r["hessian_nonconvexity"] if r["hessian_nonconvexity"] > 0 else math.inf
+    if ratio >= 3:
+        verdict = f"the plain-{d} slice is {ratio:.1f}x less convex, as in their Fig. 8"
+    elif ratio > 1:
+        verdict = f"the plain-{d} slice is only {ratio:.1f}x less convex"
+    else:
+        verdict = f"it is the ResNet-{d} slice that is the less convex one"
+    where = (f", {fixed(float(np.nanmean(inner['residual'])))} vs {fixed(float(np.nanmean(inner['plain'])))} on its inner "
+             f"points and {fixed(float(ring['residual']))} vs {fixed(float(ring['plain']))} on its outer ring" if k > 3 else "")
+    slice_order = "the paper's way" if p["nonconvexity"] > r["nonconvexity"] else "the same way"
+    sharp = p["center_lambda_max"] / r["center_lambda_max"]
+    minimiser = (f"the plain net's minimiser is the sharper one, its largest eigenvalue {sharp:,.0f} times the ResNet's, as "
+                 "the paper finds without skips" if sharp > 1 else
+                 f"the ResNet's minimiser is the sharper one, its largest eigenvalue {1 / sharp:,.1f} times the plain "
+                 "net's, unlike the paper's")
+    return (f"By Li et al.'s own measure, |λmin/λmax| of the full Hessian, {verdict}: {fixed(r['hessian_nonconvexity'])} "
+            f"(ResNet-{d}) vs {fixed(p['hessian_nonconvexity'])} (plain-{d}) on average over the map{where}. The slice's own "
+            f"2-D curvature orders them {slice_order} ({fixed(r['nonconvexity'])} vs {fixed(p['nonconvexity'])}) but sees "
+            f"only the two drawn directions. At the trained weights the ResNet's map reads "
+            f"{fixed(float(maps['residual'][k // 2, k // 2]))} (plain-{d}: {fixed(float(maps['plain'][k // 2, k // 2]))}), "
+            f"and {minimiser} (λmax: ResNet-{d} {sig(r['center_lambda_max'])}, plain-{d} {sig(p['center_lambda_max'])}).")
 
 
 def _zoo_responses(res: Mapping[str, Any], deep: Mapping[str, Any]) -> str:
@@ -210,7 +252,7 @@ def _zoo_responses(res: Mapping[str, Any], deep: Mapping[str, Any]) -> str:
     ordered = responses_study.chain(res["rows"])
     if "mean_branch_scale" not in ordered[0]:
         return "the results stored for the layer-response study predate the scale measurement"
-    listed = ", ".join(f"{_net(x['net'])} {x['mean_branch_scale']:.3f}" for x in ordered)
+    listed = ", ".join(f"{net_label(x['net'])} {x['mean_branch_scale']:.3f}" for x in ordered)
     decay = ("they decay with every other parameter (weight decay on all of them, as He et al.)"
              if deep["train"].get("decay_all") else "weight decay leaves them alone (it acts on conv and linear weights only)")
     text = (f"in eval mode the std of F(x) is about the scale γ of the batch norm that ends the branch. Every scale "
@@ -221,11 +263,11 @@ def _zoo_responses(res: Mapping[str, Any], deep: Mapping[str, Any]) -> str:
     for a, b in zip(ordered, ordered[1:], strict=False):
         if a["mean_branch_std"] < b["mean_branch_std"]:
             continue
-        why = f"{_net(a['net'])} ({a['mean_branch_std']:.3f}) is not below {_net(b['net'])} ({b['mean_branch_std']:.3f})"
+        why = f"{net_label(a['net'])} ({a['mean_branch_std']:.3f}) is not below {net_label(b['net'])} ({b['mean_branch_std']:.3f})"
         if a["mean_branch_scale"] < b["mean_branch_scale"]:  # the scales keep the order: the running statistics do not
             wider = [x["mean_branch_std"] / x["mean_branch_scale"] - 1 for x in (a, b)]
             why += (f": its scales are the smaller ones, but on test images its branches respond {wider[0]:.0%} more "
-                    f"widely than its norms' running statistics expect ({_net(b['net'])}: {wider[1]:.0%})")
+                    f"widely than its norms' running statistics expect ({net_label(b['net'])}: {wider[1]:.0%})")
         broken.append(why)
     return text + f", and He et al.'s chain breaks where {' and '.join(broken)}"
 
