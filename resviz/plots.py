@@ -410,8 +410,10 @@ def feature_grid(maps: Any, title: str = "Feature maps", max_maps: int = 16, *,
         raw[r0:r0 + h, c0:c0 + w] = a[c]
         ch[r0:r0 + h, c0:c0 + w] = np.stack(np.broadcast_arrays(names[c], *np.meshgrid(range(w), range(h))), axis=-1)
         fig.add_annotation(x=c0 + (w - 1) / 2, y=r0 - 0.5, yanchor="bottom", text=f"ch {names[c]}", showarrow=False)
-    custom = [[[None if math.isnan(v) else float(v), *map(int, k)] for v, k in zip(rv, kv)] for rv, kv in zip(raw, ch)]
-    fig.add_trace(go.Heatmap(z=_grid(z.round(3)), customdata=custom, colorscale="Gray", showscale=False, name=title,
+    # float32 arrays, not nested lists: plotly validates a list cell by cell (half a second for a 16-map mosaic, on
+    # every page run) and sends an array as one typed buffer, in which plotly.js draws NaN as a gap
+    custom = np.concatenate([raw[..., None], ch], axis=-1).astype(np.float32)
+    fig.add_trace(go.Heatmap(z=z.round(3).astype(np.float32), customdata=custom, colorscale="Gray", showscale=False, name=title,
                              hoverongaps=False, hovertemplate="ch %{customdata[1]} (%{customdata[2]}, %{customdata[3]}): "
                                                               "%{customdata[0]:.3g}<extra></extra>"))
     return fig
@@ -707,7 +709,7 @@ def _grid_rows(tr: Any) -> list[tuple]:
                 continue
             x = xs[c] if c < len(xs) else (x0 or 0) + c * (dx or 1)
             y = ys[r] if r < len(ys) else (y0 or 0) + r * (dy or 1)
-            text = " ".join(map(str, notes[r, c])) if notes is not None else ""
+            text = " ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in notes[r, c]) if notes is not None else ""
             out.append((x, y, float(values[r, c]), text))
     return out
 
