@@ -506,6 +506,22 @@ def loss_landscape_figure(surface: Any, *, alphas: Sequence[float] | None = None
     return _finish(fig)
 
 
+def _side_by_side(names: Sequence[str], title: str) -> go.Figure:
+    """One panel per net in a row, each titled in its net's colour; the panels' traces share one colour axis."""
+    fig = make_subplots(rows=1, cols=max(1, len(names)), subplot_titles=list(names) or None, horizontal_spacing=0.08)
+    fig.update_layout(title=title, template=TEMPLATE, height=430)
+    for col in range(1, len(names) + 1):
+        fig.update_xaxes(title_text="alpha", row=1, col=col)
+        fig.update_yaxes(title_text="beta" if col == 1 else None, scaleanchor=f"x{col if col > 1 else ''}", row=1, col=col)
+    for ann, name in zip(fig.layout.annotations, names):
+        ann.font = {"color": net_color(name), "size": 14}
+    return fig
+
+
+def _hover(name: str, label: str) -> str:
+    return f"{name}<br>alpha %{{x:.2f}}, beta %{{y:.2f}}: {label} %{{z:.3f}}<extra></extra>"
+
+
 def loss_contours_figure(surfaces: Mapping[str, Any], *, alphas: Sequence[float] | None = None,
                          betas: Sequence[float] | None = None, log: bool = True,
                          title: str = "Loss landscapes, seen from above") -> go.Figure:
@@ -515,8 +531,7 @@ def loss_contours_figure(surfaces: Mapping[str, Any], *, alphas: Sequence[float]
     A flat picture draws in a fraction of the time a 3-D surface takes in the browser.
     """
     names = [n for n in surfaces if _grid(surfaces[n])]
-    fig = make_subplots(rows=1, cols=max(1, len(names)), subplot_titles=names or None, horizontal_spacing=0.08)
-    fig.update_layout(title=title, template=TEMPLATE, height=430)
+    fig = _side_by_side(names, title)
     grids = {n: _grid(surfaces[n], log=log) for n in names}
     vals = [v for z in grids.values() for row in z for v in row if v is not None]
     if not vals:
@@ -529,12 +544,7 @@ def loss_contours_figure(surfaces: Mapping[str, Any], *, alphas: Sequence[float]
         x = _clean(alphas)[: len(z[0])] if alphas is not None else None
         y = _clean(betas)[: len(z)] if betas is not None else None
         fig.add_trace(go.Contour(z=z, x=x, y=y, coloraxis="coloraxis", name=name, ncontours=16,
-                                 hovertemplate=f"{name}<br>alpha %{{x:.2f}}, beta %{{y:.2f}}: {label} %{{z:.3f}}<extra></extra>"),
-                      row=1, col=col)
-        fig.update_xaxes(title_text="alpha", row=1, col=col)
-        fig.update_yaxes(title_text="beta" if col == 1 else None, scaleanchor=f"x{col if col > 1 else ''}", row=1, col=col)
-    for ann, name in zip(fig.layout.annotations, names):
-        ann.font = {"color": net_color(name), "size": 14}
+                                 hovertemplate=_hover(name, label)), row=1, col=col)
     return fig
 
 
@@ -544,8 +554,7 @@ def curvature_maps_figure(maps: Mapping[str, Any], *, alphas: Sequence[float] | 
     loss slice (rows: beta, columns: alpha) as heatmap cells on one fixed 0..1 scale, each cell labelled with its
     value. Cells, not contours: the map is measured on a coarse grid and is not interpolated between its points."""
     names = [n for n in maps if _grid(maps[n])]
-    fig = make_subplots(rows=1, cols=max(1, len(names)), subplot_titles=names or None, horizontal_spacing=0.08)
-    fig.update_layout(title=title, template=TEMPLATE, height=430)
+    fig = _side_by_side(names, title)
     if not names:
         return _no_data(fig)
     label = "|λmin/λmax|"
@@ -556,13 +565,7 @@ def curvature_maps_figure(maps: Mapping[str, Any], *, alphas: Sequence[float] | 
         ticks = _clean(alphas)[: len(z[0])] if alphas is not None else None
         text = [["" if v is None else f"{v:.2f}" for v in row] for row in z]
         fig.add_trace(go.Heatmap(z=z, x=ticks, y=ticks, coloraxis="coloraxis", name=name, text=text,
-                                 texttemplate="%{text}", xgap=1, ygap=1,
-                                 hovertemplate=f"{name}<br>alpha %{{x:.2f}}, beta %{{y:.2f}}: {label} %{{z:.3f}}<extra></extra>"),
-                      row=1, col=col)
-        fig.update_xaxes(title_text="alpha", row=1, col=col)
-        fig.update_yaxes(title_text="beta" if col == 1 else None, scaleanchor=f"x{col if col > 1 else ''}", row=1, col=col)
-    for ann, name in zip(fig.layout.annotations, names):
-        ann.font = {"color": net_color(name), "size": 14}
+                                 texttemplate="%{text}", xgap=1, ygap=1, hovertemplate=_hover(name, label)), row=1, col=col)
     return fig
 
 
