@@ -109,3 +109,12 @@ def test_landscape_effect_judged_on_the_full_hessian_when_measured() -> None:
     assert [c["holds"] for c in checks] == [True, True, True] and "sharper" in checks[2]["claim"]
     rows[1]["center_lambda_max"] = 1.0
     assert landscape.effect_checks(rows, bowl)[2]["holds"] is False
+
+
+def test_sharpness_is_read_only_where_the_map_holds_the_trained_weights() -> None:
+    z = [[1.0, 0.5, 1.0], [0.5, 0.1, 0.5], [1.0, 0.5, 1.0]]
+    curvature = {"ratio": [[0.0, 0.2], [0.4, 0.6]], "lambda_max": [[5.0, 6.0], [7.0, 8.0]]}
+    coords = np.linspace(-1, 1, 3)
+    row = landscape._row("residual", z, coords, 1.0, curvature, None)  # an even map: no point at the slice's centre
+    assert row["hessian_nonconvexity"] == pytest.approx(0.3) and "center_lambda_max" not in row
+    assert landscape._row("residual", z, coords, 1.0, curvature, 1)["center_lambda_max"] == 8.0

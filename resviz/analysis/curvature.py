@@ -57,10 +57,11 @@ def lanczos_extremes(product: Callable[[torch.Tensor], torch.Tensor], n: int, *,
     basis = [q / q.norm()]
     alphas: list[float] = []
     betas: list[float] = []
-    for step in range(min(iters, n)):
+    steps = min(iters, n)
+    for step in range(steps):
         w = product(basis[-1])
         alphas.append(float(w @ basis[-1]))
-        if step == min(iters, n) - 1:
+        if step == steps - 1:
             break
         q_mat = torch.stack(basis)
         for _ in range(2):

@@ -17,8 +17,9 @@ sees the two drawn directions.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import plotly.graph_objects as go
@@ -34,6 +35,7 @@ from resviz.nn.scoped import perturbed, preserved
 from resviz.plots import curvature_maps_figure, loss_contours_figure, loss_landscape_figure
 from resviz.train.trainer import build_nets
 
+T = TypeVar("T")
 NAME = "landscape"
 TITLE = "Loss landscape: filter-normalised slices, residual vs plain"
 PAPER = "Li, Xu, Taylor, Studer, Goldstein. Visualizing the Loss Landscape of Neural Nets. NeurIPS 2018, Figs. 5 and 7"
@@ -81,9 +83,10 @@ def _loss(net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def surface(net: nn.Module, dirs: tuple[list[torch.Tensor], list[torch.Tensor]], coords: np.ndarray, x: torch.Tensor,
-            y: torch.Tensor, progress: Progress) -> list[list[float]]:
-    """Loss at theta* + a d1 + b d2 for every (a, b) of ``coords`` x ``coords`` (rows: b, columns: a)."""
+def on_slice(net: nn.Module, dirs: tuple[list[torch.Tensor], list[torch.Tensor]], coords: np.ndarray,
+             measure: Callable[[], T], progress: Progress, what: str) -> list[list[T]]:
+    """``measure()`` with the net's weights at theta* + a d1 + b d2, for every (a, b) of ``coords`` x ``coords`` (rows: b,
+    columns: a), in eval mode; the weights come back after."""
     net.eval()
     params = list(net.parameters())
     z = []
@@ -93,10 +96,16 @@ def surface(net: nn.Module, dirs: tuple[list[torch.Tensor], list[torch.Tensor]],
             for a in coords:
                 for p, p0, d1, d2 in zip(params, base, *dirs, strict=True):
                     p.copy_(p0 + float(a) * d1 + float(b) * d2)
-                row.append(_loss(net, x, y))
+                row.append(measure())
             z.append(row)
-            progress((i + 1) / len(coords), f"slice row {i + 1}/{len(coords)}")
+            progress((i + 1) / len(coords), f"{what} row {i + 1}/{len(coords)}")
     return z
+
+
+def surface(net: nn.Module, dirs: tuple[list[torch.Tensor], list[torch.Tensor]], coords: np.ndarray, x: torch.Tensor,
+            y: torch.Tensor, progress: Progress) -> list[list[float]]:
+    """Loss at theta* + a d1 + b d2 for every (a, b) of ``coords`` x ``coords`` (rows: b, columns: a)."""
+    return on_slice(net, dirs, coords, lambda: _loss(net, x, y), progress, "slice")
 
 
 @torch.no_grad()
@@ -125,28 +134,13 @@ def curvature_indices(grid: int, points: int) -> list[int]:
     return sorted({int(round(i)) for i in np.linspace(0, grid - 1, min(points, grid))})
 
 
-@torch.no_grad()
 def curvature_map(net: nn.Module, dirs: tuple[list[torch.Tensor], list[torch.Tensor]], coords: np.ndarray,
                   x: torch.Tensor, y: torch.Tensor, *, iters: int, seed: int, progress: Progress) -> dict[str, Any]:
     """The full Hessian's extreme eigenvalues at theta* + a d1 + b d2 for every (a, b) of ``coords`` x ``coords``
     (rows: b, columns: a), and Li et al.'s ratio |lambda_min / lambda_max| there."""
-    net.eval()
-    params = list(net.parameters())
-    lo, hi, ratio = [], [], []
-    with perturbed(net) as base:
-        for i, b in enumerate(coords):
-            row_lo, row_hi = [], []
-            for a in coords:
-                for p, p0, d1, d2 in zip(params, base, *dirs, strict=True):
-                    p.copy_(p0 + float(a) * d1 + float(b) * d2)
-                lam_min, lam_max = hessian_extremes(net, x, y, iters=iters, seed=seed)
-                row_lo.append(lam_min)
-                row_hi.append(lam_max)
-            lo.append(row_lo)
-            hi.append(row_hi)
-            ratio.append([nonconvexity_ratio(m, n) for m, n in zip(row_lo, row_hi, strict=True)])
-            progress((i + 1) / len(coords), f"curvature row {i + 1}/{len(coords)}")
-    return {"lambda_min": lo, "lambda_max": hi, "ratio": ratio}
+    extremes = on_slice(net, dirs, coords, lambda: hessian_extremes(net, x, y, iters=iters, seed=seed), progress, "curvature")
+    return {"lambda_min": [[lo for lo, _ in row] for row in extremes], "lambda_max": [[hi for _, hi in row] for row in extremes],
+            "ratio": [[nonconvexity_ratio(lo, hi) for lo, hi in row] for row in extremes]}
 
 
 def nonconvexity(z: list[list[float]]) -> float:
@@ -179,7 +173,9 @@ def run(cfg: LandscapeConfig, progress: Any = None) -> dict[str, Any]:
         inits = build_nets(net_cfg, seed=cfg.seed)  # the seeded initialisation the pair was trained from
     x, y = data.train.tensors[0][: cfg.eval_size], data.train.tensors[1][: cfg.eval_size]
     coords, ts = np.linspace(-cfg.span, cfg.span, cfg.grid), np.linspace(-0.25, 1.25, cfg.line_points)
-    sub = coords[curvature_indices(cfg.grid, cfg.curvature_grid)]
+    picked = curvature_indices(cfg.grid, cfg.curvature_grid)
+    sub = coords[picked]
+    centre = picked.index(cfg.grid // 2) if cfg.grid // 2 in picked else None  # the slice's centre on the map
     xc, yc = x[: cfg.curvature_size], y[: cfg.curvature_size]
     out: dict[str, Any] = {"alphas": coords.tolist(), "ts": ts.tolist(), "surface": {}, "line": {},
                            "curvature_alphas": sub.tolist(), "curvature": {}}
@@ -196,7 +192,7 @@ def run(cfg: LandscapeConfig, progress: Any = None) -> dict[str, Any]:
             out["curvature"][name] = curvature_map(net, dirs, sub, xc, yc, iters=cfg.curvature_iters, seed=cfg.seed,
                                                    progress=curve_part)
         curve_part(1.0, f"{name}: curvature")
-        rows.append(_row(name, out["surface"][name], coords, cfg.span, out["curvature"].get(name)))
+        rows.append(_row(name, out["surface"][name], coords, cfg.span, out["curvature"].get(name), centre))
     progress(1.0, "done")
     checks, effects = _checks(rows), effect_checks(rows, out["surface"]["residual"])
     return {"study": NAME, "title": TITLE, "paper": PAPER, "config": cfg.to_dict(), "rows": rows, **out,
@@ -238,8 +234,8 @@ def effect_checks(rows: list[dict[str, Any]], residual_surface: list[list[float]
     ]
 
 
-def _row(name: str, z: list[list[float]], coords: np.ndarray, span: float,
-         curvature: dict[str, Any] | None = None) -> dict[str, Any]:
+def _row(name: str, z: list[list[float]], coords: np.ndarray, span: float, curvature: dict[str, Any] | None = None,
+         curvature_centre: int | None = None) -> dict[str, Any]:
     a = np.asarray(z, dtype=float)
     c = len(coords) // 2
     rr = np.hypot(*np.meshgrid(coords, coords))
@@ -248,9 +244,10 @@ def _row(name: str, z: list[list[float]], coords: np.ndarray, span: float,
            "max_loss": float(np.nanmax(a)), "nonconvexity": nonconvexity(z)}
     if curvature:
         ratio = np.asarray(curvature["ratio"], dtype=float)
-        k = ratio.shape[0] // 2
         row["hessian_nonconvexity"] = float(np.nanmean(ratio))
-        row["center_lambda_max"] = float(np.asarray(curvature["lambda_max"], dtype=float)[k, k])
+        if curvature_centre is not None:  # the map's point at the slice's centre: the trained weights
+            k = curvature_centre
+            row["center_lambda_max"] = float(np.asarray(curvature["lambda_max"], dtype=float)[k, k])
     return row
 
 

@@ -129,20 +129,29 @@ def landscape(r: Results, key: str = "landscape") -> dict[str, str]:
     res = r[key]
     d = res["config"]["depth"]
     hessian = all("hessian_nonconvexity" in x for x in res["rows"])
+    def curvature(x: Mapping[str, Any]) -> list[str]:
+        sharpness = sig(x["center_lambda_max"]) if "center_lambda_max" in x else DASH  # the map may miss the centre
+        return [fixed(x["hessian_nonconvexity"]), sharpness] if hessian else []
+
     rows = [(f"{NET_LABELS[x['net']]}-{d}", sig(x["center_loss"]), sig(x["mean_rise_r<=half"]), sig(x["max_loss"]),
-             fixed(x["nonconvexity"]), *([fixed(x["hessian_nonconvexity"]), sig(x["center_lambda_max"])] if hessian else []))
-            for x in res["rows"]]
+             fixed(x["nonconvexity"]), *curvature(x)) for x in res["rows"]]
     cfg = res["config"]
-    sub = len(res.get("curvature_alphas", []))
     headers = ["net", "loss at centre", "mean rise within r ≤ 0.5", "highest loss on the slice", "non-convexity of the slice",
                *(["non-convexity, full Hessian", "λmax at the centre"] if hessian else [])]
-    curvature = (f"{sub} x {sub} points of the slice, {cfg['curvature_iters']} Lanczos steps on {cfg['curvature_size']} "
-                 "training images each" if hessian else "not measured in this stored result")
     return {f"{key}.table": table(headers, rows),
             f"{key}.checks": checks(res), f"{key}.depth": str(d), f"{key}.grid": f"{cfg['grid']} x {cfg['grid']}",
             f"{key}.eval_size": str(cfg["eval_size"]), f"{key}.span": f"{cfg['span']:g}", f"{key}.source": res["source"],
-            f"{key}.centre": " and ".join(sig(x["center_loss"]) for x in res["rows"]), f"{key}.curvature": curvature,
+            f"{key}.centre": " and ".join(sig(x["center_loss"]) for x in res["rows"]), f"{key}.curvature": curvature_map(res),
             f"{key}.convexity": convexity(res)}
+
+
+def curvature_map(res: Mapping[str, Any]) -> str:
+    """Where and how a landscape result's full-Hessian map was measured."""
+    sub, cfg = len(res.get("curvature_alphas", [])), res["config"]
+    if not all("hessian_nonconvexity" in x for x in res["rows"]):
+        return "not measured in this stored result"
+    return (f"{sub} x {sub} points of the slice, {cfg['curvature_iters']} Lanczos steps on {cfg['curvature_size']} "
+            "training images each")
 
 
 def shattered(r: Results) -> dict[str, str]:
@@ -201,7 +210,7 @@ def zoo(r: Results, manifest: Mapping[str, Any]) -> dict[str, str]:
             "zoo.checks": table(["study", "kind", "claim (the paper's number in brackets)", "ours", "holds"], effects),
             "zoo.held": f"{held} of {len(effects)}",
             "zoo.landscape": f"{land['grid']} x {land['grid']} points on {land['eval_size']} training images, and their "
-                             "full-Hessian map on " + landscape(r, "landscape-zoo")["landscape-zoo.curvature"],
+                             "full-Hessian map on " + curvature_map(r["landscape-zoo"]),
             "zoo.recipe": f"{deep['train']['epochs']:g} epochs of {deep['dataset']['train_size']:,} images "
                           f"({deep['steps']:,} steps of batch {deep['train']['batch_size']})",
             "zoo.plain_deep": f"{pct(plain_deep['test_acc'])} test accuracy (plain-{plain_deep['config']['depth']})",
@@ -234,17 +243,20 @@ def convexity(res: Mapping[str, Any]) -> str:
     where = (f", {fixed(float(np.nanmean(inner['residual'])))} vs {fixed(float(np.nanmean(inner['plain'])))} on its inner "
              f"points and {fixed(float(ring['residual']))} vs {fixed(float(ring['plain']))} on its outer ring" if k > 3 else "")
     slice_order = "the paper's way" if p["nonconvexity"] > r["nonconvexity"] else "the same way"
+    text = (f"By Li et al.'s own measure, |λmin/λmax| of the full Hessian, {verdict}: {fixed(r['hessian_nonconvexity'])} "
+            f"(ResNet-{d}) vs {fixed(p['hessian_nonconvexity'])} (plain-{d}) on average over the map{where}. The slice's own "
+            f"2-D curvature orders them {slice_order} ({fixed(r['nonconvexity'])} vs {fixed(p['nonconvexity'])}) but sees "
+            "only the two drawn directions.")
+    if "center_lambda_max" not in r or "center_lambda_max" not in p:  # the map missed the slice's centre
+        return text
     sharp = p["center_lambda_max"] / r["center_lambda_max"]
     minimiser = (f"the plain net's minimiser is the sharper one, its largest eigenvalue {sharp:,.0f} times the ResNet's, as "
                  "the paper finds without skips" if sharp > 1 else
                  f"the ResNet's minimiser is the sharper one, its largest eigenvalue {1 / sharp:,.1f} times the plain "
                  "net's, unlike the paper's")
-    return (f"By Li et al.'s own measure, |λmin/λmax| of the full Hessian, {verdict}: {fixed(r['hessian_nonconvexity'])} "
-            f"(ResNet-{d}) vs {fixed(p['hessian_nonconvexity'])} (plain-{d}) on average over the map{where}. The slice's own "
-            f"2-D curvature orders them {slice_order} ({fixed(r['nonconvexity'])} vs {fixed(p['nonconvexity'])}) but sees "
-            f"only the two drawn directions. At the trained weights the ResNet's map reads "
-            f"{fixed(float(maps['residual'][k // 2, k // 2]))} (plain-{d}: {fixed(float(maps['plain'][k // 2, k // 2]))}), "
-            f"and {minimiser} (λmax: ResNet-{d} {sig(r['center_lambda_max'])}, plain-{d} {sig(p['center_lambda_max'])}).")
+    return (text + f" At the trained weights the ResNet's map reads {fixed(float(maps['residual'][k // 2, k // 2]))} "
+            f"(plain-{d}: {fixed(float(maps['plain'][k // 2, k // 2]))}), and {minimiser} (λmax: ResNet-{d} "
+            f"{sig(r['center_lambda_max'])}, plain-{d} {sig(p['center_lambda_max'])}).")
 
 
 def _zoo_responses(res: Mapping[str, Any], deep: Mapping[str, Any]) -> str:
