@@ -165,10 +165,17 @@ def _step_landscape() -> None:
         res, plain = rows["residual"], rows["plain"]
         measured = (f" At the trained weights the loss is {res['center_loss']:.3g} (residual) and {plain['center_loss']:.3g} "
                     f"(plain); non-convexity of the slice {res['nonconvexity']:.2f} vs {plain['nonconvexity']:.2f}")
-        if all("hessian_nonconvexity" in r for r in (res, plain)):
+        hessian = all("hessian_nonconvexity" in r for r in (res, plain))
+        if hessian:
             measured += (f", of the full Hessian (Li et al.'s measure) {res['hessian_nonconvexity']:.2f} vs "
                          f"{plain['hessian_nonconvexity']:.2f}")
         measured += " (0: convex)."
+        if hessian and res["hessian_nonconvexity"] >= plain["hessian_nonconvexity"]:
+            measured += " By that measure this ResNet's slice is the less convex one, unlike the paper's"
+            if all("center_lambda_max" in r for r in (res, plain)) and res["center_lambda_max"] < plain["center_lambda_max"]:
+                measured += (f", though its minimum is the flatter one (largest curvature {res['center_lambda_max']:.3g} vs "
+                             f"{plain['center_lambda_max']:.3g})")
+            measured += "; the Experiments page maps both."
     st.caption(f"Stored result of the landscape study on {_where(result)}: the training loss on a plane through the "
                f"trained weights along two random, filter-normalised directions.{measured}")
 

@@ -11,6 +11,7 @@ import torch
 from apphelpers import ROOT, app, navigation, ok
 
 from resviz import zoo
+from resviz.experiments import stored
 from resviz.experiments.tour import DELETION_TWINS, TWINS, gradient_norms_at_init, lesion_curve, stored_result
 
 
@@ -97,3 +98,15 @@ def test_the_deletion_step_uses_the_converged_zoo_pair_and_says_what_one_deletio
     assert "ResNet-56" in caption and "plain-56" in caption and "One block deleted: ResNet-56 " in caption
     spec = json.loads(at.get("plotly_chart")[0].proto.spec)
     assert [t["name"] for t in spec["data"]] == ["ResNet-56", "plain-56"]
+
+
+def test_the_landscape_step_gives_both_convexity_measures_and_says_which_way_ours_go() -> None:
+    at = ok(app({"step": "5"}))
+    caption = " ".join(c.value for c in at.caption)
+    rows = {r["net"]: r for r in stored.load_stored("landscape")["rows"]}  # the zoo's, which the step draws
+    res, plain = rows["residual"], rows["plain"]
+    assert f"non-convexity of the slice {res['nonconvexity']:.2f} vs {plain['nonconvexity']:.2f}" in caption
+    assert f"of the full Hessian (Li et al.'s measure) {res['hessian_nonconvexity']:.2f}" in caption
+    less_convex = "this ResNet's slice is the less convex one, unlike the paper's" in caption
+    assert less_convex == (res["hessian_nonconvexity"] >= plain["hessian_nonconvexity"])
+    assert ("its minimum is the flatter one" in caption) == (less_convex and res["center_lambda_max"] < plain["center_lambda_max"])
