@@ -57,6 +57,7 @@ def test_the_study_zoo_is_shipped_converged_with_full_logs():
         assert res["dataset"]["input_size"] == STUDY_ZOO["input_size"]
         assert res["test_acc"] >= 0.97, (depth, res["test_acc"])  # every zoo ResNet converged
         assert res["train"] == plain["train"] and res["dataset"] == plain["dataset"]  # same recipe, same data
+        assert res["precise_bn"] and plain["precise_bn"]  # norms' statistics re-estimated after training
     fmnist = ZOO["fmnist_resnet20"]
     assert fmnist["dataset"]["name"] == "fashion-mnist" and fmnist["dataset"]["train_size"] == 60000
     assert fmnist["test_acc"] >= 0.92 and ZOO["fmnist_plain20"]["twin"] == "fmnist_resnet20"
@@ -102,3 +103,43 @@ def test_checkpoint_is_intact_and_reaches_its_accuracy(entry):
     assert len(bundle.test) == d["test_size"] and bundle.classes == d["classes"]
     _, acc = evaluate(net, bundle.test, batch_size=500)
     assert acc == pytest.approx(entry["test_acc"], abs=TOLERANCE)
+
+
+def test_a_stored_net_is_recalibrated_without_retraining_as_if_trained_with_precise_bn(tmp_path, monkeypatch):
+    """A net trained before its recipe asked for precise BN: re-estimating its norms' statistics from the stored
+    checkpoint gives the weights and statistics that training again with the step would."""
+    sys.path.insert(0, str(HERE))
+    import make_pretrained as mp
+
+    recipe = {
+        "dataset": {"name": "shapes", "seed": 2, "train_size": 96, "test_size": 32, "input_size": 16},
+        "net": NetConfig(depth=8, width=4, num_classes=8, input_size=16, block=BlockConfig()),
+        "train": TrainConfig(epochs=1, batch_size=32, seed=5, device="cpu", probe_every=0, augment=True),
+        "twin": True, "names": {"residual": "tiny_resnet8", "plain": "tiny_plain8"},
+        "descriptions": {"residual": "tiny", "plain": "tiny plain"},
+    }
+    monkeypatch.setattr(mp, "RECIPES", {"tiny": recipe})
+    old = mp.train_unit("tiny", "residual", tmp_path)
+    assert not old["precise_bn"] and mp.is_done(old, "tiny", tmp_path)
+    mp.write_manifest(tmp_path, [old])
+    before = load_checkpoint(tmp_path / old["file"])[0].state_dict()
+    monkeypatch.setitem(recipe, "precise_bn", True)
+    assert mp.is_trained(old, "tiny", tmp_path) and mp.needs_recalibration(old, "tiny")
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", torch.backends.cudnn.benchmark)  # main() sets it
+    threads = str(torch.get_num_threads())  # as they are: main() sets them for the process
+    mp.main(["--out", str(tmp_path), "--only", "tiny", "--threads", threads])  # recalibrates one net, trains the other
+    done = mp.read_manifest(tmp_path)
+    new = done["tiny_resnet8"]
+    assert new["precise_bn"] and mp.is_done(new, "tiny", tmp_path) and mp.is_done(done["tiny_plain8"], "tiny", tmp_path)
+    assert new["log"] == old["log"] and new["train_time_s"] == old["train_time_s"]  # not trained again
+    after = load_checkpoint(tmp_path / new["file"])[0].state_dict()
+    fresh_dir = tmp_path / "fresh"
+    fresh_dir.mkdir()
+    fresh = load_checkpoint(fresh_dir / mp.train_unit("tiny", "residual", fresh_dir)["file"])[0].state_dict()
+    stats = [k for k in after if k.endswith(("running_mean", "running_var"))]
+    assert stats and any(not torch.equal(after[k], before[k]) for k in stats)  # the statistics were re-estimated
+    for k in after:  # the weights as trained; the statistics as a fresh run with precise BN gives them
+        if k in stats or k.endswith("num_batches_tracked"):
+            torch.testing.assert_close(after[k], fresh[k], rtol=1e-5, atol=1e-6)
+        else:
+            assert torch.equal(after[k], before[k]) and torch.equal(after[k], fresh[k]), k

@@ -11,7 +11,17 @@ from torch.utils.data import TensorDataset
 
 from resviz import NetConfig, TrainConfig, build_net
 from resviz.train.records import NetMetrics, Status, StepRecord
-from resviz.train.trainer import Trainer, augment_batch, build_nets, evaluate, fit, lr_at, make_optimizer, resolve_device
+from resviz.train.trainer import (
+    Trainer,
+    augment_batch,
+    build_nets,
+    evaluate,
+    fit,
+    lr_at,
+    make_optimizer,
+    recalibrate_norms,
+    resolve_device,
+)
 
 NET = NetConfig(depth=8, width=8, input_size=16, num_classes=3)
 
@@ -142,6 +152,54 @@ def test_evaluate_matches_a_direct_computation_and_restores_mode():
         logits = net(x)
     assert loss == pytest.approx(torch.nn.functional.cross_entropy(logits, y).item(), rel=1e-5)
     assert acc == pytest.approx((logits.argmax(1) == y).float().mean().item())
+
+
+def test_recalibrated_norms_normalise_the_images_as_their_affine_parameters_say():
+    from resviz import BlockConfig
+
+    data = _data(n_train=192)
+    net = build_net(NetConfig(depth=8, width=8, input_size=16, num_classes=3, block=BlockConfig(stochastic_depth=0.5)))
+    fit({"residual": net}, data, _cfg(epochs=1, augment=True))  # running statistics: moving averages, augmented batches
+    norms = [m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    with torch.no_grad():
+        for m in norms:  # far from what the images give, so that the test fails if nothing is re-estimated
+            m.running_mean.fill_(3.0)
+            m.running_var.fill_(9.0)
+            m.weight.uniform_(0.5, 2.0)
+            m.bias.uniform_(-1.0, 1.0)
+            m.momentum = 0.3
+    weights = {k: v.clone() for k, v in net.named_parameters()}
+    net.train()
+    x = data.train.tensors[0]
+    assert recalibrate_norms(net, x, batch_size=50) == len(norms)  # 4 batches, the last one short
+    assert net.training and all(m.momentum == 0.3 and m.training for m in norms)
+    assert all(torch.equal(v, weights[k]) for k, v in net.named_parameters())
+
+    def eval_outputs() -> dict:
+        outs = {}
+        hooks = [m.register_forward_hook(lambda m, i, o: outs.__setitem__(m, o.transpose(0, 1).flatten(1)))
+                 for m in norms]
+        net.eval()
+        with torch.no_grad():
+            first = net(x)
+            torch.testing.assert_close(net(x), first)  # stochastic depth stays off in eval mode
+        for h in hooks:
+            h.remove()
+        assert len(outs) == len(norms)
+        return outs  # in the order the forward pass ran the norms
+
+    # eval mode on the same images: per-channel mean ~ beta, std ~ |gamma|. Not exactly: the statistics are averages
+    # of the batches' statistics, and each norm's were taken while the norms before it used batch statistics (as in
+    # precise BN), so its inputs in eval mode differ a little from those it was estimated on
+    for m, o in eval_outputs().items():
+        torch.testing.assert_close(o.mean(1), m.bias, atol=0.1, rtol=0)  # before: off by |gamma| >= 0.5
+        torch.testing.assert_close(o.var(1, unbiased=False).sqrt(), m.weight.abs(), atol=0.1, rtol=0.1)
+    recalibrate_norms(net, x, batch_size=len(x))  # one batch: the first norm's statistics are those of its inputs
+    m, o = next(iter(eval_outputs().items()))
+    torch.testing.assert_close(o.mean(1), m.bias, atol=1e-4, rtol=0)
+    n = o.shape[1]  # the running variance is the unbiased one
+    torch.testing.assert_close(o.var(1, unbiased=False).sqrt(), m.weight.abs() * ((n - 1) / n) ** 0.5, atol=1e-4, rtol=1e-3)
+    assert recalibrate_norms(torch.nn.Linear(3, 2), x) == 0  # nothing to recalibrate
 
 
 def test_augment_is_a_seeded_crop_and_flip():

@@ -112,6 +112,37 @@ def evaluate(
     return loss_sum.item() / len(y), correct.item() / len(y)
 
 
+@torch.no_grad()
+def recalibrate_norms(net: nn.Module, images: torch.Tensor, batch_size: int = 500) -> int:
+    """Re-estimate every BatchNorm's running statistics on ``images`` with the net's current weights (precise BN).
+
+    During training the running mean and variance are a moving average over batches seen by earlier weights,
+    augmented ones at that; here each norm's statistics are reset and averaged evenly over ``images`` (passed
+    through the net in order, un-augmented), so that eval mode normalises the images the net is evaluated on
+    as the norms intend. Only the norms run in train mode (dropout and stochastic depth stay off); the weights,
+    each norm's momentum and the net's mode are left as they were. Returns the number of norms recalibrated.
+    """
+    norms = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not norms or len(images) == 0:
+        return 0
+    device = next(net.parameters()).device
+    was_training, momenta = net.training, [m.momentum for m in norms]
+    net.eval()
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # a cumulative average: every batch counts the same
+        m.train()
+    try:
+        for i in range(0, len(images), batch_size):
+            x = images[i : i + batch_size].to(device)
+            net(x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x)
+    finally:
+        for m, mom in zip(norms, momenta, strict=True):
+            m.momentum = mom
+        net.train(was_training)
+    return len(norms)
+
+
 def batch_indices(n: int, batch_size: int, total_steps: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
     """The sample indices of each of ``total_steps`` batches: a fresh permutation per epoch, the last
     incomplete batch of an epoch dropped."""

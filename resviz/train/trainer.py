@@ -52,11 +52,12 @@ from resviz.train.state import (
     evaluate,
     lr_at,
     make_optimizer,
+    recalibrate_norms,
     tensors,
 )
 
 __all__ = ["FitResult", "Trainer", "augment_batch", "build_nets", "evaluate", "fit", "lr_at", "make_optimizer",
-           "resolve_device"]
+           "recalibrate_norms", "resolve_device"]
 
 
 def resolve_device(name: str = "auto") -> torch.device:
