@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from resviz import BlockConfig, NetConfig, TrainConfig
 from resviz.experiments import degradation, landscape, lesion, responses, stored
@@ -39,8 +40,9 @@ def tiny_zoo(tmp_path_factory: pytest.TempPathFactory) -> Path:
             r["train"] = TrainConfig(epochs=2, batch_size=64, lr=0.1, seed=depth, device="auto", probe_every=0,
                                      eval_every=4, augment=True)
             mp.RECIPES[f"tiny{depth}"] = r
-        mp.main(["--out", str(out)])
-        mp.main(["--out", str(out)])  # resumable: a second run finds every net done and trains nothing
+        threads = ["--threads", str(torch.get_num_threads())]  # as they are: main() sets them for the whole process
+        mp.main(["--out", str(out), *threads])
+        mp.main(["--out", str(out), *threads])  # resumable: a second run finds every net done and trains nothing
     finally:
         mp.RECIPES.clear()
         mp.RECIPES.update(saved)

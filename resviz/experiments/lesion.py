@@ -48,6 +48,11 @@ class LesionConfig(TrainedStudyConfig):
                "zoo": {**ZOO, "depth": 110, "plain_depth": 20, "draws": 8, "eval_size": 1000}}  # the whole test split
 
 
+
+def _kept(fraction: float) -> str:
+    """A share of above-chance accuracy kept, in whole percent; a hair below chance reads 0%, not -0%."""
+    return f"{fraction:.0%}" if round(fraction, 2) != 0 else "0%"
+
 def accuracy(net: nn.Module, x: Any, y: Any) -> float:
     return evaluate(net, (x, y), batch_size=500)[1]
 
@@ -194,18 +199,18 @@ def _checks(rows: list[dict], intact: dict[str, float], curves: dict, classes: i
         one["plain"], swap_intact["plain"], swap_name = reference["one_swap"], reference["intact"], plain_name
     swap_kept = {k: retained(one[k], swap_intact[k], chance) if one[k] is not None else float("nan") for k in one}
     at_chance = swap_intact["plain"] - chance < 0.02
-    swap_detail = (f"one swap keeps {swap_kept['residual']:.0%} (residual) vs {swap_kept['plain']:.0%} ({swap_name})"
+    swap_detail = (f"one swap keeps {_kept(swap_kept['residual'])} (residual) vs {_kept(swap_kept['plain'])} ({swap_name})"
                    if one["residual"] is not None else "no stage has two same-shape blocks")
     if at_chance:
         swap_detail += f"; the plain net is at chance ({swap_intact['plain']:.1%}) before any swap, so it has nothing to lose"
     return [
         check("after deleting one non-downsampling block the residual net keeps more of its accuracy than the plain net",
               kept["residual"] > kept["plain"],
-              f"above-chance accuracy kept: {kept['residual']:.0%} (residual) vs {kept['plain']:.0%} ({plain_name}); "
+              f"above-chance accuracy kept: {_kept(kept['residual'])} (residual) vs {_kept(kept['plain'])} ({plain_name}); "
               f"intact {intact['residual']:.1%} / {plain_intact:.1%}, chance {chance:.1%}"),
         check(f"the plain net collapses to near chance when one block is deleted (keeps at most {PLAIN_KEPT:.0%})",
               kept["plain"] <= PLAIN_KEPT,
-              f"{plain_name} keeps {kept['plain']:.0%} of its above-chance accuracy on average"),
+              f"{plain_name} keeps {_kept(kept['plain'])} of its above-chance accuracy on average"),
         check("the residual net's accuracy falls step by step as random blocks are deleted (no single deletion costs "
               "more than 60% of its above-chance accuracy)",
               bool(np.all(steps >= -0.6 * (intact["residual"] - chance))) and rand[-1] < intact["residual"],
@@ -250,7 +255,7 @@ def effect_checks(rows: list[dict], intact: dict[str, float], curves: dict, clas
               "error by blocks deleted: " + ", ".join(f"{k}: {e:.1%}" for k, e in zip([0, *curves["k"]], errors, strict=True))),
         check(f"a trained plain net keeps at most {PLAIN_KEPT:.0%} of its above-chance accuracy after one deletion "
               "(Veit et al.: VGG-15 falls to chance)", plain_kept <= PLAIN_KEPT,
-              f"{plain_name} keeps {plain_kept:.0%} on average (intact {plain_intact:.1%}, chance {chance:.1%})"),
+              f"{plain_name} keeps {_kept(plain_kept)} on average (intact {plain_intact:.1%}, chance {chance:.1%})"),
     ]
 
 

@@ -269,6 +269,10 @@ def _zoo_responses(res: Mapping[str, Any], deep: Mapping[str, Any]) -> str:
              if deep["train"].get("decay_all") else "weight decay leaves them alone (it acts on conv and linear weights only)")
     text = (f"in eval mode the std of F(x) is about the scale γ of the batch norm that ends the branch. Every scale "
             f"starts at 1 and {decay}; after {deep['steps']:,} steps the zoo's mean scales are {listed}")
+    if deep.get("precise_bn"):
+        text += (" (after training each norm's running statistics were re-estimated over the un-augmented training "
+                 "images, precise BN: the moving averages, taken on zero-padded crops by earlier weights, had "
+                 "ResNet-110's branches respond more widely than its scales and broke the chain)")
     if res.get("effects", [{}])[0].get("holds", True):
         return text + ", and He et al.'s ordering holds on them"
     broken = []
