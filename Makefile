@@ -2,6 +2,9 @@
 # Both create the virtual environment in .venv first if it is missing.
 PY := .venv/bin/python
 PORT ?= 8501
+# pytest workers (pytest-xdist) for all but the browser tests: one per core; WORKERS=0 runs them in this process.
+# The browser tests run after them, alone, since they time pages against their targets.
+WORKERS ?= auto
 
 .PHONY: run test env lint bench pretrained docs
 
@@ -16,7 +19,8 @@ test: env
 	@scripts/ensure_chromium.sh
 	@scripts/ensure_data.sh
 	$(PY) -m ruff check .
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(WORKERS) --dist loadgroup --ignore=tests/e2e $(PYTEST_ARGS)
+	$(PY) -m pytest -q tests/e2e $(PYTEST_ARGS)
 
 lint: env
 	$(PY) -m ruff check .

@@ -63,7 +63,10 @@ def test_make_pretrained_writes_each_net_once_with_its_log(tiny_zoo: Path) -> No
     for e in entries.values():
         log = e["log"]
         assert len(log["epoch"]) == 4 and log["epoch"][-1] == pytest.approx(2.0)  # 8 steps, an evaluation every 4... and at the end
-        assert 1 - log["test_error"][-1] == pytest.approx(e["test_acc"], abs=1e-6)
+        # the zoo recipe re-estimates the norms' statistics after training (precise BN): the log's last evaluation is
+        # the net with training's statistics, the manifest's accuracy the recalibrated net's (on these 8-step nets
+        # they differ; on the converged zoo within half a point, as test_pretrained checks)
+        assert e["precise_bn"] and 0 <= log["test_error"][-1] <= 1 and 0 < e["test_acc"] <= 1
 
 
 def test_degradation_on_the_zoo_reads_the_logs_and_checks_the_effect_sizes(zoo_env: Path) -> None:
