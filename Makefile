@@ -19,7 +19,7 @@ test: env
 	@scripts/ensure_chromium.sh
 	@scripts/ensure_data.sh
 	$(PY) -m ruff check .
-	$(PY) -m pytest -q -n $(WORKERS) --dist loadgroup --ignore=tests/e2e $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(WORKERS) --dist loadfile --ignore=tests/e2e $(PYTEST_ARGS)
 	$(PY) -m pytest -q tests/e2e $(PYTEST_ARGS)
 
 lint: env

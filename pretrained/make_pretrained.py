@@ -272,9 +272,17 @@ def needs_recalibration(entry: dict[str, Any], key: str) -> bool:
     return bool(RECIPES[key].get("precise_bn")) and not entry.get("precise_bn")
 
 
+def work_left(entry: dict[str, Any] | None, key: str, out: Path) -> str:
+    """What a net still needs: ``"train"``, ``"recalibrate"`` (trained, norms' statistics not yet re-estimated) or
+    ``"done"`` (the current recipe's net, finished, its weights on disk unchanged)."""
+    if not is_trained(entry, key, out):
+        return "train"
+    return "recalibrate" if needs_recalibration(entry, key) else "done"
+
+
 def is_done(entry: dict[str, Any] | None, key: str, out: Path) -> bool:
     """Whether a manifest entry stands for the current recipe, finished, with its weights on disk unchanged."""
-    return is_trained(entry, key, out) and not needs_recalibration(entry, key)
+    return work_left(entry, key, out) == "done"
 
 
 def write_manifest(out: Path, new: list[dict[str, Any]]) -> Path:
@@ -332,13 +340,14 @@ def main(argv: list[str] | None = None) -> None:
         return
     done = read_manifest(args.out)
     todo = [(k, kind) for k, kind in units() if not args.only or k in args.only]
-    pending = [(k, kind) for k, kind in todo if args.force or not is_done(done.get(RECIPES[k]["names"][kind]), k, args.out)]
+    left = {(k, kind): "train" if args.force else work_left(done.get(RECIPES[k]["names"][kind]), k, args.out)
+            for k, kind in todo}
+    pending = [unit for unit in todo if left[unit] != "done"]
     if args.list:
         for k, kind in todo:
             name = RECIPES[k]["names"][kind]
-            state = (f"done, test accuracy {done[name]['test_acc']:.4f}" if (k, kind) not in pending else
-                     "trained; norms' statistics to re-estimate" if not args.force and is_trained(done.get(name), k, args.out)
-                     else "pending")
+            state = {"done": f"done, test accuracy {done[name]['test_acc']:.4f}",
+                     "recalibrate": "trained; norms' statistics to re-estimate", "train": "pending"}[left[(k, kind)]]
             print(f"{name:20s} {state}")
         return
     t0 = time.perf_counter()
@@ -346,8 +355,8 @@ def main(argv: list[str] | None = None) -> None:
     for k, kind in pending[index::count]:
         name = RECIPES[k]["names"][kind]
         try:
-            trained = not args.force and is_trained(done.get(name), k, args.out)
-            entry = recalibrate_unit(k, done[name], args.out) if trained else train_unit(k, kind, args.out)
+            entry = (recalibrate_unit(k, done[name], args.out) if left[(k, kind)] == "recalibrate"
+                     else train_unit(k, kind, args.out))
         except (RuntimeError, ValueError) as err:  # a diverged run, missing data: the other nets still train
             print(f"{name}: {err}", file=sys.stderr, flush=True)
             failed.append(name)
