@@ -75,6 +75,7 @@ COLUMNS: dict[str, tuple[str, str | None]] = {
     "init_var_first": ("variance, first block (init)", None), "init_var_last": ("variance, last block (init)", None),
     "init_growth": ("variance growth (init)", None), "init_mean_sq_last": ("mean square, last block (init)", None),
     "trained_growth": ("variance growth (trained)", None), "final_loss": ("final train loss", None),
+    "test_acc": ("test accuracy", "%"), "test_loss": ("test loss", None),
     "deletion": ("deletion ↓", None), "insertion": ("insertion ↑", None), "pointing": ("pointing ↑", "%"),
     "energy": ("mask energy ↑", "%"), "accuracy": ("accuracy", "%"),
 }

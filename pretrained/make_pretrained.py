@@ -93,6 +93,25 @@ def _zoo_recipe(depth: int) -> dict[str, Any]:
     }
 
 
+# The signal-propagation study's converged nets: ResNet-20 with each block variant of that study, trained by the
+# zoo's recipe from the zoo's seed on the zoo's data (only the block differs; "post, BN" is shapes_resnet20 itself).
+SIGNAL_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {  # recipe -> (checkpoint name, block settings)
+    "signal_pre_bn": ("shapes_preact20", {"order": "pre", "norm": "batch"}),
+    "signal_post_nonorm": ("shapes_nonorm20", {"order": "post", "norm": "none"}),
+    "signal_pre_nonorm": ("shapes_preact_nonorm20", {"order": "pre", "norm": "none"}),
+    "signal_skipinit": ("shapes_skipinit20", {"order": "pre", "norm": "none", "scaling": "learnable", "alpha_init": 0.0}),
+}
+
+
+def _signal_recipe(name: str, block: dict[str, Any]) -> dict[str, Any]:
+    base = _zoo_recipe(20)
+    what = ", ".join(f"{k} {v}" for k, v in block.items())
+    return {**base, "net": NetConfig(depth=20, width=16, num_classes=8, input_size=16, block=BlockConfig(**block)),
+            "twin": False, "names": {"residual": name},
+            "descriptions": {"residual": f"ResNet-20 (width 16) with {what} on shapes at 16x16: shapes_resnet20's "
+                                         "recipe, seed and data, another block (the signal-propagation study)"}}
+
+
 # name -> recipe. "names" maps the trainer's net names to checkpoint names (a twin recipe gives two).
 RECIPES: dict[str, dict[str, Any]] = {
     "shapes20": _zoo_recipe(20),
@@ -127,6 +146,7 @@ RECIPES: dict[str, dict[str, Any]] = {
             "plain": "Plain-32: ResNet-32 with every skip connection off, same init and batches as shapes_resnet32",
         },
     },
+    **{key: _signal_recipe(name, block) for key, (name, block) in SIGNAL_VARIANTS.items()},
     "digits": {
         "dataset": {"name": "digits", "seed": 0, "train_size": None, "test_size": None, "input_size": 32},
         "net": NetConfig(depth=20, width=16, num_classes=10, in_channels=1, input_size=32, block=BlockConfig()),
@@ -346,8 +366,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.list:
         for k, kind in todo:
             name = RECIPES[k]["names"][kind]
-            state = {"done": f"done, test accuracy {done[name]['test_acc']:.4f}",
-                     "recalibrate": "trained; norms' statistics to re-estimate", "train": "pending"}[left[(k, kind)]]
+            state = {"recalibrate": "trained; norms' statistics to re-estimate", "train": "pending"}.get(
+                left[(k, kind)]) or f"done, test accuracy {done[name]['test_acc']:.4f}"
             print(f"{name:20s} {state}")
         return
     t0 = time.perf_counter()

@@ -149,6 +149,7 @@ class ShippedModel:
     description: str = ""
     kind: str = ""  # "residual" or "plain" (a twin run ships both)
     log: Mapping[str, Any] | None = field(default=None, compare=False, hash=False)  # training log, when recorded
+    seed: int | None = None  # the seed it was trained from (its initial weights), when recorded
 
 
 def pretrained_dir() -> Path:
@@ -177,15 +178,20 @@ def _manifest_entry(root: Path, e: Any) -> ShippedModel | None:
         return None
     ds = e.get("dataset")
     dataset = str(ds.get("name", "unknown") if isinstance(ds, Mapping) else ds or "unknown")
+    train = e.get("train")
+    seed = train.get("seed") if isinstance(train, Mapping) else None
     return ShippedModel(name=str(e.get("name") or path.stem), path=path, dataset=dataset, accuracy=_accuracy(e),
                         description=str(e.get("description", "")), kind=str(e.get("kind", "")),
-                        log=e.get("log") if isinstance(e.get("log"), Mapping) else None)
+                        log=e.get("log") if isinstance(e.get("log"), Mapping) else None,
+                        seed=seed if isinstance(seed, int) and not isinstance(seed, bool) else None)
 
 
 def first_choice(models: Sequence[ShippedModel], dataset: str | None) -> int:
-    """Index of the net to open first: the smallest residual net on ``dataset`` (quick to inspect), else the first."""
+    """Index of the net to open first: of the residual nets on ``dataset``, the most accurate (to the percentage point;
+    the zoo also holds variants that barely trained), then the smallest (quick to inspect); else the first."""
     fits = [i for i, m in enumerate(models) if m.dataset == dataset and m.kind != "plain"]
-    return min(fits, key=lambda i: (models[i].path.stat().st_size, models[i].name)) if fits else 0
+    return min(fits, key=lambda i: (-round(100 * (models[i].accuracy or 0.0)), models[i].path.stat().st_size,
+                                    models[i].name)) if fits else 0
 
 
 def load_shipped(model: ShippedModel) -> tuple[ResNet, ModelInfo]:

@@ -43,6 +43,19 @@ def test_shipped_manifest(tmp_path, tiny):
         zoo.shipped_models(tmp_path)
 
 
+def test_the_first_net_offered_is_the_most_accurate_residual_net_on_the_data_then_the_smallest(tmp_path):
+    def shipped(name: str, acc: float | None, kind: str = "residual", dataset: str = "shapes", size: int = 10):
+        path = tmp_path / f"{name}.safetensors"
+        path.write_bytes(b"x" * size)
+        return zoo.ShippedModel(name=name, path=path, dataset=dataset, accuracy=acc, kind=kind)
+
+    models = [shipped("digits", 1.0, dataset="digits"), shipped("plain", 1.0, kind="plain", size=1),
+              shipped("untrained", 0.125, size=5), shipped("big", 0.998, size=30), shipped("small", 1.0, size=20)]
+    assert models[zoo.first_choice(models, "shapes")].name == "small"  # 99.8% and 100% tie to the point: the smaller
+    assert models[zoo.first_choice(models[:4], "shapes")].name == "big"  # never the net that barely trained
+    assert zoo.first_choice(models, "cifar") == 0  # nothing on that data: the first
+
+
 def test_upload_round_trip_and_errors(tiny):
     net, path = tiny
     side = path.with_suffix(".json")

@@ -35,14 +35,19 @@ def tiny_zoo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     saved = dict(mp.RECIPES)
     try:
         mp.RECIPES.clear()
-        for depth in (8, 14):
-            r = mp._zoo_recipe(depth)
+
+        def tiny(r: dict, depth: int, block: BlockConfig) -> dict:
             r["dataset"] = {"name": "shapes", "seed": 1, "train_size": TINY["train_size"], "test_size": TINY["test_size"],
                             "input_size": 16}
-            r["net"] = NetConfig(depth=depth, width=4, num_classes=8, input_size=16, block=BlockConfig())
+            r["net"] = NetConfig(depth=depth, width=4, num_classes=8, input_size=16, block=block)
             r["train"] = TrainConfig(epochs=2, batch_size=64, lr=0.1, seed=depth, device="auto", probe_every=0,
                                      eval_every=4, augment=True)
-            mp.RECIPES[f"tiny{depth}"] = r
+            return r
+
+        for depth in (8, 14):
+            mp.RECIPES[f"tiny{depth}"] = tiny(mp._zoo_recipe(depth), depth, BlockConfig())
+        for key, (name, block) in mp.SIGNAL_VARIANTS.items():  # the signal study's other blocks, at depth 8 only
+            mp.RECIPES[f"tiny_{key}"] = tiny(mp._signal_recipe(name.replace("20", "8"), block), 8, BlockConfig(**block))
         threads = ["--threads", str(torch.get_num_threads())]  # as they are: main() sets them for the whole process
         mp.main(["--out", str(out), *threads])
         mp.main(["--out", str(out), *threads])  # resumable: a second run finds every net done and trains nothing
@@ -58,11 +63,19 @@ def zoo_env(tiny_zoo: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return tiny_zoo
 
 
+def mp_signal_variants() -> dict:
+    sys.path.insert(0, str(ROOT / "pretrained"))
+    import make_pretrained as mp
+
+    return mp.SIGNAL_VARIANTS
+
+
 def test_make_pretrained_writes_each_net_once_with_its_log(tiny_zoo: Path) -> None:
     import json
 
     entries = {e["name"]: e for e in json.loads((tiny_zoo / "manifest.json").read_text())["checkpoints"]}
-    assert set(entries) == {"shapes_resnet8", "shapes_plain8", "shapes_resnet14", "shapes_plain14"}
+    signal_nets = {name.replace("20", "8") for name, _ in mp_signal_variants().values()}
+    assert set(entries) == {"shapes_resnet8", "shapes_plain8", "shapes_resnet14", "shapes_plain14"} | signal_nets
     for e in entries.values():
         log = e["log"]
         assert len(log["epoch"]) == 4 and log["epoch"][-1] == pytest.approx(2.0)  # 8 steps, an evaluation every 4... and at the end
@@ -107,6 +120,33 @@ def test_lesion_and_responses_on_the_zoo_use_the_shipped_nets(zoo_env: Path) -> 
     assert resp["effects"][0]["holds"] == (chain[0] < chain[1] < chain[2])
 
 
+def test_signal_on_the_zoo_reads_each_variants_shipped_net_and_its_initial_weights(zoo_env: Path,
+                                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    from resviz.experiments import signal
+    from resviz.experiments.common import net_config
+    from resviz.train.trainer import build_nets
+
+    def no_training(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the zoo budget must not train")
+
+    monkeypatch.setattr(signal, "train_one", no_training)
+    res = run_study("signal", "zoo", overrides={**TINY, "depth": 8}, save_figures=False)
+    names = ["shapes_resnet8", *(name.replace("20", "8") for name, _ in mp_signal_variants().values())]
+    assert res["source"] == f"pretrained: {', '.join(names)}"
+    assert [r["variant"] for r in res["rows"]] == list(signal.VARIANTS) and {r["status"] for r in res["rows"]} == {"pretrained"}
+    entries = {e["name"]: e for e in json.loads((zoo_env / "manifest.json").read_text())["checkpoints"]}
+    x = load_dataset("shapes", seed=1, train_size=TINY["train_size"], test_size=TINY["test_size"], input_size=16).test.tensors[0][:128]
+    for (label, block), name, row in zip(signal.VARIANTS.items(), names, res["rows"], strict=True):
+        e = entries[name]
+        shipped = load_checkpoint(zoo_env / e["file"])[0]
+        assert res["spp"][label]["trained"] == signal._stats(shipped, x)  # the shipped net's statistics
+        init = build_nets(net_config(8, 4, 16, 8, **block), twin=False, seed=e["train"]["seed"])["residual"]
+        assert res["spp"][label]["init"] == signal._stats(init, x)  # ... and those of the weights it started from
+        assert row["test_acc"] == pytest.approx(e["test_acc"]) and row["final_loss"] == e["log"]["train_loss"][-1]
+    with pytest.raises(ValueError, match="no shipped net is the 'pre, BN' variant of ResNet-14"):
+        run_study("signal", "zoo", overrides={**TINY, "depth": 14}, save_figures=False)  # only the post-BN net at 14
+
+
 def test_the_zoo_budget_never_trains(zoo_env: Path) -> None:
     with pytest.raises(ValueError, match="no shipped"):
         run_study("lesion", "zoo", overrides={**TINY, "depth": 20}, save_figures=False)  # no such net in this zoo
@@ -136,8 +176,9 @@ def test_stored_results_round_trip_and_only_zoo_results_are_stored(tmp_path: Pat
     assert path == tmp_path / "studies" / "degradation.json"
     back = stored.load_stored("degradation", tmp_path)
     assert back["rows"] == result["rows"] and back["command"] == stored.command("degradation")
+    twins = {f"shapes_{kind}{d}" for kind in ("resnet", "plain") for d in (8, 14)}
     manifest = {e["name"]: e["sha256"] for e in json.loads((zoo_env / "manifest.json").read_text())["checkpoints"]}
-    assert back["nets"] == manifest  # every net of the tiny zoo (depths 8 and 14), with its weights' sha256
+    assert back["nets"] == {n: manifest[n] for n in twins}  # the twins at depths 8 and 14, with their weights' sha256
     assert stored.load_stored("lesion", tmp_path) is None
     small = {**result, "config": {**result["config"], "budget": "small"}}
     with pytest.raises(ValueError, match="zoo"):

@@ -5,7 +5,9 @@ average squared channel mean and the average channel variance (:class:`resviz.an
 Variants: post- vs pre-activation, with BatchNorm or without normalisation, plus an unnormalised
 pre-activation net with SkipInit (a learnable branch scale starting at 0). Statistics are taken in
 train mode (batch statistics) on the same batch of test images, at initialisation and after a short
-training run of each variant.
+training run of each variant. On the zoo budget the trained nets are the zoo's converged ResNet-20s, one per
+variant, trained by ``pretrained/make_pretrained.py`` with one recipe, seed and data (only the block differs); their
+statistics at initialisation come from the initial weights of that seed.
 """
 
 from __future__ import annotations
@@ -18,10 +20,10 @@ import plotly.graph_objects as go
 import torch
 
 from resviz.analysis.probes import signal_prop
-from resviz.experiments.common import MEDIUM_TRAINING, TrainingBudget, as_progress, check, net_config, smooth_curve, timer
+from resviz.experiments.common import MEDIUM_TRAINING, ZOO, TrainingBudget, as_progress, check, net_config, smooth_curve, timer
 from resviz.experiments.figures import lines
-from resviz.experiments.twins import train_one
-from resviz.train.trainer import build_nets
+from resviz.experiments.twins import pretrained_net, train_one
+from resviz.train.trainer import build_nets, evaluate
 
 NAME = "signal"
 TITLE = "Signal propagation at init and after training"
@@ -46,16 +48,21 @@ class SignalConfig(TrainingBudget):
     steps: int = 150  # a short run per variant: enough to see which variants train
     batch: int = 128  # test images the statistics are taken on
     variants: tuple[str, ...] = tuple(VARIANTS)
+    # "train": each variant is trained ``steps`` steps here; "pretrained": the shipped net of each variant (the zoo's,
+    # converged) or an error, nothing trained
+    source: str = "train"
 
-    # zoo: the small budget's runs; this study compares normalisations at initialisation and after a short run, which
-    # no shipped net could stand for
-    PRESETS = {"small": {}, "medium": {**MEDIUM_TRAINING, "depth": 56, "steps": 600}, "zoo": {}}
+    # zoo: ResNet-20 in each variant, converged (pretrained/make_pretrained.py's shapes20 recipe, another block each)
+    PRESETS = {"small": {}, "medium": {**MEDIUM_TRAINING, "depth": 56, "steps": 600},
+               "zoo": {**{k: v for k, v in ZOO.items() if k != "order"}, "depth": 20}}
 
     def __post_init__(self) -> None:
         super().__post_init__()
         bad = [v for v in self.variants if v not in VARIANTS]
         if bad:
             raise ValueError(f"unknown signal-propagation variant(s) {bad}; choose from {list(VARIANTS)}")
+        if self.source not in ("train", "pretrained"):
+            raise ValueError(f"source must be 'train' or 'pretrained', got {self.source!r}")
 
 
 def _stats(net: torch.nn.Module, x: torch.Tensor) -> dict[str, list[float]]:
@@ -71,29 +78,48 @@ def _growth(var: list[float]) -> float:
 
 
 def run(cfg: SignalConfig, progress: Any = None) -> dict[str, Any]:
-    """SPPs of each variant at init and after ``steps`` of training."""
+    """SPPs of each variant at init and after training: ``steps`` here, or the shipped converged net of each."""
     progress, elapsed = as_progress(progress), timer()
     data, sched = cfg.data(), cfg.schedule()
     x = data.test.tensors[0][: cfg.batch]
-    rows, spp, curves, stage_of = [], {}, {}, []
+    rows, spp, curves, stage_of, shipped = [], {}, {}, [], []
     for label, part in zip(cfg.variants, progress.spans([1.0] * len(cfg.variants)), strict=True):
-        net = build_nets(net_config(cfg.depth, cfg.width, cfg.input_size, data.num_classes, **VARIANTS[label]),
-                         twin=False, seed=cfg.seed)["residual"]
+        net_cfg = net_config(cfg.depth, cfg.width, cfg.input_size, data.num_classes, **VARIANTS[label])
+        if cfg.source == "pretrained":
+            found = pretrained_net(net_cfg, cfg.input_size)
+            if found is None:
+                raise ValueError(f"no shipped net is the {label!r} variant of ResNet-{cfg.depth} width {cfg.width} at "
+                                 f"{cfg.input_size}px; run `python pretrained/make_pretrained.py` or use the small budget")
+            trained_net, model = found
+            shipped.append(model.name)
+            seed = model.seed if model.seed is not None else cfg.seed
+            net = build_nets(net_cfg, twin=False, seed=seed)["residual"]  # the initial weights it was trained from
+            log = model.log or {}
+            curve, status = [float(v) for v in log.get("train_loss", [])], "pretrained"
+            tail = curve[-1:]
+        else:
+            net = build_nets(net_cfg, twin=False, seed=cfg.seed)["residual"]
         stage_of = list(net.stage_of)
         init = _stats(net, x)
-        curve, status, _ = train_one(net, data, sched, seed=cfg.seed, device=cfg.device, progress=part, label=label)
+        if cfg.source == "pretrained":
+            net = trained_net
+            part(1.0, f"{label}: {model.name}")
+        else:
+            curve, status, _ = train_one(net, data, sched, seed=cfg.seed, device=cfg.device, progress=part, label=label)
+            tail = [v for v in curve[-max(1, len(curve) // 10):] if np.isfinite(v)]
         trained = _stats(net, x)
+        test_loss, test_acc = evaluate(net, data.test, batch_size=500)
         spp[label] = {"init": init, "trained": trained}
         curves[label] = smooth_curve(curve, 60)
-        tail = [v for v in curve[-max(1, len(curve) // 10):] if np.isfinite(v)]
         rows.append({"variant": label, "init_var_first": init["var"][0], "init_var_last": init["var"][-1],
                      "init_growth": _growth(init["var"]), "init_mean_sq_last": init["mean_sq"][-1],
                      "trained_growth": _growth(trained["var"]), "final_loss": float(np.mean(tail)) if tail else None,
-                     "status": status, "steps": len(curve)})
+                     "test_acc": float(test_acc), "test_loss": float(test_loss), "status": status, "steps": len(curve)})
     progress(1.0, "done")
+    source = f"pretrained: {', '.join(shipped)}" if shipped else f"trained ({cfg.steps} steps each)"
     return {"study": NAME, "title": TITLE, "paper": PAPER, "config": cfg.to_dict(), "rows": rows, "spp": spp,
             "stage_of": stage_of, "curves": curves, "checks": _checks(rows, spp, stage_of), "paper_rows": PAPER_NOTES,
-            "source": f"trained ({cfg.steps} steps each)", "time_s": elapsed()}
+            "source": source, "time_s": elapsed()}
 
 
 def _checks(rows: list[dict[str, Any]], spp: dict[str, Any], stage_of: list[int]) -> list[dict[str, Any]]:
@@ -115,13 +141,14 @@ def _checks(rows: list[dict[str, Any]], spp: dict[str, Any], stage_of: list[int]
         a, b = by["pre, no norm, SkipInit"]["init_growth"], by["pre, no norm"]["init_growth"]
         out.append(check("SkipInit keeps an unnormalised net's variance flat at init", a < 2 and a < b,
                          f"last/first block variance: {a:.3g} (SkipInit) vs {b:.3g} (plain He init)"))
-    trained = {k: r["final_loss"] for k, r in by.items() if r["final_loss"] is not None and r["status"] == "finished"}
+    done = ("finished", "pretrained")  # trained here to the end, or a shipped net
+    trained = {k: r["final_loss"] for k, r in by.items() if r["final_loss"] is not None and r["status"] in done}
     if "pre, BN" in by and "pre, no norm" in by:
         bn, nn_ = by["pre, BN"], by["pre, no norm"]
-        ok = nn_["status"] != "finished" or (bn["final_loss"] is not None and bn["final_loss"] < nn_["final_loss"])
+        ok = nn_["status"] not in done or (bn["final_loss"] is not None and bn["final_loss"] < nn_["final_loss"])
         out.append(check("the unnormalised net without SkipInit trains worse than with BN (or diverges)", ok,
                          ", ".join(f"{k}: {v:.3f}" for k, v in trained.items())
-                         + "".join(f"; {k} {r['status']}" for k, r in by.items() if r["status"] != "finished")))
+                         + "".join(f"; {k} {r['status']}" for k, r in by.items() if r["status"] not in done)))
     return out
 
 

@@ -106,16 +106,16 @@ def _rebuild(net_cfg: NetConfig, states: dict, curves: dict, status: str, messag
     return Twins(nets=nets, curves={k: list(v) for k, v in curves.items()}, status=status, message=message, source=source)
 
 
-def pretrained_twins(net_cfg: NetConfig, input_size: int) -> Twins | None:
-    """A shipped residual/plain pair (``pretrained/manifest.json``) with exactly this architecture, if any."""
-    from resviz.storage.checkpoints import CheckpointError, load_checkpoint, read_meta
+def _shipped_on_shapes(input_size: int) -> list[tuple[Any, NetConfig]]:
+    """The shipped nets (``pretrained/manifest.json``) trained on shapes at ``input_size`` px, with their configs."""
+    from resviz.storage.checkpoints import CheckpointError, read_meta
     from resviz.zoo import shipped_models
 
-    found: dict[str, tuple[str, Any]] = {}  # role -> (name, ShippedModel)
     try:
         models = shipped_models()
     except CheckpointError:
-        return None
+        return []
+    out = []
     for m in models:
         try:
             meta = read_meta(m.path)
@@ -123,7 +123,18 @@ def pretrained_twins(net_cfg: NetConfig, input_size: int) -> Twins | None:
         except (CheckpointError, ValueError, KeyError):
             continue
         ds = meta.get("dataset") or {}
-        if ds.get("name") != "shapes" or ds.get("input_size") != input_size or cfg.residual_twin() != net_cfg.residual_twin():
+        if ds.get("name") == "shapes" and ds.get("input_size") == input_size:
+            out.append((m, cfg))
+    return out
+
+
+def pretrained_twins(net_cfg: NetConfig, input_size: int) -> Twins | None:
+    """A shipped residual/plain pair (``pretrained/manifest.json``) with exactly this architecture, if any."""
+    from resviz.storage.checkpoints import load_checkpoint
+
+    found: dict[str, tuple[str, Any]] = {}  # role -> (name, ShippedModel)
+    for m, cfg in _shipped_on_shapes(input_size):
+        if cfg.residual_twin() != net_cfg.residual_twin():
             continue
         role = "plain" if cfg.is_plain else "residual" if all(cfg.skip_flags) else None
         if role is not None:
@@ -136,6 +147,17 @@ def pretrained_twins(net_cfg: NetConfig, input_size: int) -> Twins | None:
     accuracy = {k: found[k][1].accuracy for k in found if found[k][1].accuracy is not None}
     return Twins(nets=nets, curves={}, status="pretrained", source=f"pretrained: {names}", logs=logs or None,
                  accuracy=accuracy or None)
+
+
+def pretrained_net(net_cfg: NetConfig, input_size: int) -> tuple[nn.Module, Any] | None:
+    """A shipped net of exactly this architecture (skips included) on shapes at ``input_size`` px, in eval mode,
+    with its manifest entry (a :class:`resviz.zoo.ShippedModel`), if there is one."""
+    from resviz.storage.checkpoints import load_checkpoint
+
+    for m, cfg in _shipped_on_shapes(input_size):
+        if cfg == net_cfg:
+            return load_checkpoint(m.path)[0].eval(), m
+    return None
 
 
 def reference_twins(net_cfg: NetConfig, data: DatasetBundle, sched: Schedule, *, seed: int, source: str, device: str,

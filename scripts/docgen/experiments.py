@@ -113,14 +113,19 @@ def responses(r: Results) -> dict[str, str]:
             "responses.nets": "/".join(str(d) for d in res["config"]["depths"])}
 
 
+def signal_table(res: Mapping[str, Any]) -> str:
+    rows = [(x["variant"], sig(x["init_var_first"]), sig(x["init_var_last"]), sig(x["init_growth"]),
+             sig(x["trained_growth"]) if x["trained_growth"] is not None else f"{DASH} ({x['status']})", sig(x["final_loss"]),
+             pct(x.get("test_acc")))
+            for x in res["rows"]]
+    return table(["variant", "variance, first block (init)", "variance, last block (init)", "growth last/first (init)",
+                  "growth (trained)", "final train loss", "test accuracy"], rows)
+
+
 def signal(r: Results) -> dict[str, str]:
     res = r["signal"]
-    rows = [(x["variant"], sig(x["init_var_first"]), sig(x["init_var_last"]), sig(x["init_growth"]),
-             sig(x["trained_growth"]) if x["trained_growth"] is not None else f"{DASH} ({x['status']})", sig(x["final_loss"]))
-            for x in res["rows"]]
     cfg = res["config"]
-    return {"signal.table": table(["variant", "variance, first block (init)", "variance, last block (init)",
-                                   "growth last/first (init)", "growth (trained)", "final train loss"], rows),
+    return {"signal.table": signal_table(res),
             "signal.checks": checks(res), "signal.depth": str(cfg["depth"]), "signal.batch": str(cfg["batch"]),
             "signal.steps": str(cfg["steps"]), "signal.variants": str(len(res["rows"])), "signal.lr": f"{cfg['lr']:g}"}
 
@@ -218,6 +223,8 @@ def zoo(r: Results, manifest: Mapping[str, Any]) -> dict[str, str]:
             "zoo.decay": f"{deep['train']['weight_decay']:.0e}".replace("e-0", "e-"),
             "zoo.responses": _zoo_responses(r["responses-zoo"], deep),
             "zoo.convexity": convexity(r["landscape-zoo"]),
+            "zoo.signal": _zoo_signal(r["signal-zoo"], 1 / plain_deep["config"]["num_classes"]),
+            "zoo.signal_table": signal_table(r["signal-zoo"]),
             "zoo.sources": "; ".join(f"{STUDY_LABELS[n].split('. ')[1]}: {r[f'{n}-zoo']['source']}" for n in STUDY_LABELS)}
 
 
@@ -257,6 +264,23 @@ def convexity(res: Mapping[str, Any]) -> str:
     return (text + f" At the trained weights the ResNet's map reads {fixed(float(maps['residual'][k // 2, k // 2]))} "
             f"(plain-{d}: {fixed(float(maps['plain'][k // 2, k // 2]))}), and {minimiser} (λmax: ResNet-{d} "
             f"{sig(r['center_lambda_max'])}, plain-{d} {sig(p['center_lambda_max'])}).")
+
+
+def _zoo_signal(res: Mapping[str, Any], chance: float) -> str:
+    """Which nets the signal-propagation study read on the zoo, and how far each trained (``chance``: 1 / classes)."""
+    if res["config"].get("source") != "pretrained":
+        return ("The stored signal-propagation result predates the zoo's nets for it: it trained each variant "
+                f"{res['config']['steps']} steps")
+    names = res["source"].split(": ", 1)[1].split(", ")
+    accs = []
+    for x, name in zip(res["rows"], names, strict=True):
+        acc = x.get("test_acc")
+        note = " (chance: it did not train)" if acc is not None and acc <= chance + 0.02 else ""
+        accs.append(f"{x['variant']} `{name}` {pct(acc)}{note}")
+    d = res["config"]["depth"]
+    return (f"Signal propagation reads a converged ResNet-{d} for each of its {len(names)} blocks, trained by the "
+            f"zoo's recipe from ResNet-{d}'s seed on the same data, only the block differing, and its statistics at "
+            f"initialisation from the weights each started from. Test accuracy: {'; '.join(accs)}")
 
 
 def _zoo_responses(res: Mapping[str, Any], deep: Mapping[str, Any]) -> str:
