@@ -30,6 +30,10 @@ The recipes:
   At the end the norms' running statistics are re-estimated over the training images without augmentation
   (precise BN; a net trained before that step is recalibrated without retraining). The plain nets show the
   degradation problem; the ResNets do not.
+- ``signal_post_bn``, ``signal_pre_bn``, ``signal_post_nonorm``, ``signal_pre_nonorm``, ``signal_skipinit``: a
+  ResNet-32 in each block of the signal-propagation study (post- and pre-activation, with BN and without any
+  norm, and pre-activation without norm under SkipInit), by the zoo's recipe on its data; the SkipInit net peaks at
+  a learning rate of 0.05, since at 0.1 it diverged.
 - ``fmnist20``: ResNet-20 and its plain twin on Fashion-MNIST (all 60,000 / 10,000 images, 28x28, 5 epochs,
   no augmentation), read from Debian's ``dataset-fashion-mnist`` package or torchvision's layout under the
   data folder.
@@ -47,6 +51,7 @@ import json
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -93,23 +98,32 @@ def _zoo_recipe(depth: int) -> dict[str, Any]:
     }
 
 
-# The signal-propagation study's converged nets: ResNet-20 with each block variant of that study, trained by the
-# zoo's recipe from the zoo's seed on the zoo's data (only the block differs; "post, BN" is shapes_resnet20 itself).
+# The signal-propagation study's converged nets: a ResNet-32, the study's own depth, in each of that study's five blocks,
+# trained by the zoo's recipe (seeded by the depth, as the zoo is) on the zoo's data: only the block differs. At depth
+# 20 (9 blocks) the unnormalised net's variance grew only 7.8x more than the BN net's at initialisation (20.5 vs 2.64).
+SIGNAL_DEPTH = 32
 SIGNAL_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {  # recipe -> (checkpoint name, block settings)
-    "signal_pre_bn": ("shapes_preact20", {"order": "pre", "norm": "batch"}),
-    "signal_post_nonorm": ("shapes_nonorm20", {"order": "post", "norm": "none"}),
-    "signal_pre_nonorm": ("shapes_preact_nonorm20", {"order": "pre", "norm": "none"}),
-    "signal_skipinit": ("shapes_skipinit20", {"order": "pre", "norm": "none", "scaling": "learnable", "alpha_init": 0.0}),
+    "signal_post_bn": ("shapes_signal32_post_bn", {"order": "post", "norm": "batch"}),
+    "signal_pre_bn": ("shapes_signal32_pre_bn", {"order": "pre", "norm": "batch"}),
+    "signal_post_nonorm": ("shapes_signal32_post_nonorm", {"order": "post", "norm": "none"}),
+    "signal_pre_nonorm": ("shapes_signal32_pre_nonorm", {"order": "pre", "norm": "none"}),
+    "signal_skipinit": ("shapes_signal32_skipinit", {"order": "pre", "norm": "none", "scaling": "learnable", "alpha_init": 0.0}),
 }
+# The one exception to the shared recipe: at the zoo's peak learning rate of 0.1 a SkipInit ResNet-20 diverged (a
+# non-finite gradient at step 624 of 3,744, learning rate 0.07 and rising; at 0.05 it reached 99.0%), so the SkipInit
+# net peaks lower; De and Smith (2020) also train their unnormalised SkipInit nets with smaller learning rates than BN's.
+SIGNAL_LR = {"signal_skipinit": 0.05}
 
 
-def _signal_recipe(name: str, block: dict[str, Any]) -> dict[str, Any]:
-    base = _zoo_recipe(20)
+def _signal_recipe(name: str, block: dict[str, Any], lr: float | None = None, depth: int = SIGNAL_DEPTH) -> dict[str, Any]:
+    base = _zoo_recipe(depth)
     what = ", ".join(f"{k} {v}" for k, v in block.items())
-    return {**base, "net": NetConfig(depth=20, width=16, num_classes=8, input_size=16, block=BlockConfig(**block)),
-            "twin": False, "names": {"residual": name},
-            "descriptions": {"residual": f"ResNet-20 (width 16) with {what} on shapes at 16x16: shapes_resnet20's "
-                                         "recipe, seed and data, another block (the signal-propagation study)"}}
+    train = base["train"] if lr is None else replace(base["train"], lr=lr)
+    recipe = "recipe" if lr is None else f"recipe (peak learning rate {lr:g})"
+    return {**base, "net": NetConfig(depth=depth, width=16, num_classes=8, input_size=16, block=BlockConfig(**block)),
+            "train": train, "twin": False, "names": {"residual": name},
+            "descriptions": {"residual": f"ResNet-{depth} (width 16) with {what} on shapes at 16x16, the zoo's {recipe} "
+                                         "and data; one of the signal-propagation study's five blocks"}}
 
 
 # name -> recipe. "names" maps the trainer's net names to checkpoint names (a twin recipe gives two).
@@ -146,7 +160,7 @@ RECIPES: dict[str, dict[str, Any]] = {
             "plain": "Plain-32: ResNet-32 with every skip connection off, same init and batches as shapes_resnet32",
         },
     },
-    **{key: _signal_recipe(name, block) for key, (name, block) in SIGNAL_VARIANTS.items()},
+    **{key: _signal_recipe(name, block, SIGNAL_LR.get(key)) for key, (name, block) in SIGNAL_VARIANTS.items()},
     "digits": {
         "dataset": {"name": "digits", "seed": 0, "train_size": None, "test_size": None, "input_size": 32},
         "net": NetConfig(depth=20, width=16, num_classes=10, in_channels=1, input_size=32, block=BlockConfig()),

@@ -5,7 +5,7 @@ average squared channel mean and the average channel variance (:class:`resviz.an
 Variants: post- vs pre-activation, with BatchNorm or without normalisation, plus an unnormalised
 pre-activation net with SkipInit (a learnable branch scale starting at 0). Statistics are taken in
 train mode (batch statistics) on the same batch of test images, at initialisation and after a short
-training run of each variant. On the zoo budget the trained nets are the zoo's converged ResNet-20s, one per
+training run of each variant. On the zoo budget the trained nets are converged ResNet-32s shipped in the zoo, one per
 variant, trained by ``pretrained/make_pretrained.py`` with one recipe, seed and data (only the block differs); their
 statistics at initialisation come from the initial weights of that seed.
 """
@@ -35,10 +35,11 @@ VARIANTS = {  # label -> block settings
     "pre, no norm": {"order": "pre", "norm": "none"},
     "pre, no norm, SkipInit": {"order": "pre", "norm": "none", "scaling": "learnable", "alpha_init": 0.0},
 }
-PAPER_NOTES = [  # Fig. 1-2 (ResNet-600 at init, Gaussian inputs); qualitative
+PAPER_NOTES = [  # Brock et al. Figs. 1-2 (ResNet-600 at init, Gaussian inputs), qualitative; the last row De and Smith 2020
     {"variant": "pre-activation with BN", "finding": "variance grows linearly through each stage, reset at transition blocks"},
     {"variant": "unnormalised, He init", "finding": "variance grows exponentially with depth (explodes)"},
     {"variant": "scaled residual branches (SkipInit, NF-ResNets)", "finding": "variance stays controlled without normalisation"},
+    {"variant": "SkipInit, trained (De and Smith 2020)", "finding": "unnormalised ResNets train to about BN's accuracy"},
 ]
 
 
@@ -52,9 +53,9 @@ class SignalConfig(TrainingBudget):
     # converged) or an error, nothing trained
     source: str = "train"
 
-    # zoo: ResNet-20 in each variant, converged (pretrained/make_pretrained.py's shapes20 recipe, another block each)
+    # zoo: a converged ResNet-32 in each variant (pretrained/make_pretrained.py's signal recipes: the zoo's recipe and data)
     PRESETS = {"small": {}, "medium": {**MEDIUM_TRAINING, "depth": 56, "steps": 600},
-               "zoo": {**{k: v for k, v in ZOO.items() if k != "order"}, "depth": 20}}
+               "zoo": {k: v for k, v in ZOO.items() if k != "order"}}
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -77,6 +78,18 @@ def _growth(var: list[float]) -> float:
     return float(v[-1] / v[0]) if len(v) and v[0] > 0 and np.isfinite(v[-1]) else float("inf")
 
 
+def _shipped(cfg: SignalConfig, label: str, net_cfg: Any) -> tuple[torch.nn.Module, torch.nn.Module, Any]:
+    """The shipped net of variant ``label`` (or a clear error), the initial weights it was trained from, and its
+    manifest entry."""
+    found = pretrained_net(net_cfg, cfg.input_size)
+    if found is None:
+        raise ValueError(f"no shipped net is the {label!r} variant of ResNet-{cfg.depth} width {cfg.width} at "
+                         f"{cfg.input_size}px; run `python pretrained/make_pretrained.py` or use the small budget")
+    trained, model = found
+    init = build_nets(net_cfg, twin=False, seed=model.seed if model.seed is not None else cfg.seed)["residual"]
+    return init, trained, model
+
+
 def run(cfg: SignalConfig, progress: Any = None) -> dict[str, Any]:
     """SPPs of each variant at init and after training: ``steps`` here, or the shipped converged net of each."""
     progress, elapsed = as_progress(progress), timer()
@@ -86,40 +99,46 @@ def run(cfg: SignalConfig, progress: Any = None) -> dict[str, Any]:
     for label, part in zip(cfg.variants, progress.spans([1.0] * len(cfg.variants)), strict=True):
         net_cfg = net_config(cfg.depth, cfg.width, cfg.input_size, data.num_classes, **VARIANTS[label])
         if cfg.source == "pretrained":
-            found = pretrained_net(net_cfg, cfg.input_size)
-            if found is None:
-                raise ValueError(f"no shipped net is the {label!r} variant of ResNet-{cfg.depth} width {cfg.width} at "
-                                 f"{cfg.input_size}px; run `python pretrained/make_pretrained.py` or use the small budget")
-            trained_net, model = found
+            net, trained_net, model = _shipped(cfg, label, net_cfg)
+            init = _stats(net, x)
+            curve, status = [float(v) for v in (model.log or {}).get("train_loss", [])], "pretrained"
+            tail, steps = curve[-1:], None  # the log's last reading: the mean loss since the evaluation before it
             shipped.append(model.name)
-            seed = model.seed if model.seed is not None else cfg.seed
-            net = build_nets(net_cfg, twin=False, seed=seed)["residual"]  # the initial weights it was trained from
-            log = model.log or {}
-            curve, status = [float(v) for v in log.get("train_loss", [])], "pretrained"
-            tail = curve[-1:]
-        else:
-            net = build_nets(net_cfg, twin=False, seed=cfg.seed)["residual"]
-        stage_of = list(net.stage_of)
-        init = _stats(net, x)
-        if cfg.source == "pretrained":
-            net = trained_net
             part(1.0, f"{label}: {model.name}")
         else:
+            net = trained_net = build_nets(net_cfg, twin=False, seed=cfg.seed)["residual"]
+            init = _stats(net, x)  # before training, which happens in place
             curve, status, _ = train_one(net, data, sched, seed=cfg.seed, device=cfg.device, progress=part, label=label)
-            tail = [v for v in curve[-max(1, len(curve) // 10):] if np.isfinite(v)]
-        trained = _stats(net, x)
-        test_loss, test_acc = evaluate(net, data.test, batch_size=500)
+            tail, steps = [v for v in curve[-max(1, len(curve) // 10):] if np.isfinite(v)], len(curve)
+        stage_of = list(net.stage_of)
+        trained = _stats(trained_net, x)
+        test_loss, test_acc = evaluate(trained_net, data.test, batch_size=500)
         spp[label] = {"init": init, "trained": trained}
         curves[label] = smooth_curve(curve, 60)
         rows.append({"variant": label, "init_var_first": init["var"][0], "init_var_last": init["var"][-1],
                      "init_growth": _growth(init["var"]), "init_mean_sq_last": init["mean_sq"][-1],
                      "trained_growth": _growth(trained["var"]), "final_loss": float(np.mean(tail)) if tail else None,
-                     "test_acc": float(test_acc), "test_loss": float(test_loss), "status": status, "steps": len(curve)})
+                     "test_acc": float(test_acc), "test_loss": float(test_loss), "status": status, "steps": steps})
     progress(1.0, "done")
     source = f"pretrained: {', '.join(shipped)}" if shipped else f"trained ({cfg.steps} steps each)"
+    checks, effects = _checks(rows, spp, stage_of), effect_checks(rows)
     return {"study": NAME, "title": TITLE, "paper": PAPER, "config": cfg.to_dict(), "rows": rows, "spp": spp,
-            "stage_of": stage_of, "curves": curves, "checks": _checks(rows, spp, stage_of), "paper_rows": PAPER_NOTES,
-            "source": source, "time_s": elapsed()}
+            "stage_of": stage_of, "curves": curves, "checks": checks + effects if cfg.budget == "zoo" else checks,
+            "effects": effects, "paper_rows": PAPER_NOTES, "source": source, "time_s": elapsed()}
+
+
+SKIPINIT_GAP = 0.03  # De and Smith (2020): SkipInit trains unnormalised ResNets to about BN's accuracy (within a point)
+
+
+def effect_checks(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """On converged nets: SkipInit lets a net without normalisation train about as well as one with BN."""
+    by = {r["variant"]: r for r in rows}
+    if not {"pre, BN", "pre, no norm, SkipInit"} <= set(by) or by["pre, BN"].get("test_acc") is None:
+        return []
+    bn, skip = by["pre, BN"]["test_acc"], by["pre, no norm, SkipInit"]["test_acc"]
+    return [check(f"SkipInit trains the unnormalised net about as well as BN (De and Smith 2020: within about a point; "
+                  f"here within {100 * SKIPINIT_GAP:.0f} points of test accuracy)", bn - skip <= SKIPINIT_GAP,
+                  f"test accuracy {skip:.1%} (pre, no norm, SkipInit) vs {bn:.1%} (pre, BN)")]
 
 
 def _checks(rows: list[dict[str, Any]], spp: dict[str, Any], stage_of: list[int]) -> list[dict[str, Any]]:

@@ -151,7 +151,7 @@ def pretrained_twins(net_cfg: NetConfig, input_size: int) -> Twins | None:
 
 def pretrained_net(net_cfg: NetConfig, input_size: int) -> tuple[nn.Module, Any] | None:
     """A shipped net of exactly this architecture (skips included) on shapes at ``input_size`` px, in eval mode,
-    with its manifest entry (a :class:`resviz.zoo.ShippedModel`), if there is one."""
+    with its manifest entry (a :class:`resviz.zoo.ShippedModel`), if there is one (the manifest's first, if several)."""
     from resviz.storage.checkpoints import load_checkpoint
 
     for m, cfg in _shipped_on_shapes(input_size):

@@ -223,7 +223,7 @@ def zoo(r: Results, manifest: Mapping[str, Any]) -> dict[str, str]:
             "zoo.decay": f"{deep['train']['weight_decay']:.0e}".replace("e-0", "e-"),
             "zoo.responses": _zoo_responses(r["responses-zoo"], deep),
             "zoo.convexity": convexity(r["landscape-zoo"]),
-            "zoo.signal": _zoo_signal(r["signal-zoo"], 1 / plain_deep["config"]["num_classes"]),
+            "zoo.signal": _zoo_signal(r["signal-zoo"], manifest),
             "zoo.signal_table": signal_table(r["signal-zoo"]),
             "zoo.sources": "; ".join(f"{STUDY_LABELS[n].split('. ')[1]}: {r[f'{n}-zoo']['source']}" for n in STUDY_LABELS)}
 
@@ -266,21 +266,28 @@ def convexity(res: Mapping[str, Any]) -> str:
             f"{sig(r['center_lambda_max'])}, plain-{d} {sig(p['center_lambda_max'])}).")
 
 
-def _zoo_signal(res: Mapping[str, Any], chance: float) -> str:
-    """Which nets the signal-propagation study read on the zoo, and how far each trained (``chance``: 1 / classes)."""
+def _zoo_signal(res: Mapping[str, Any], manifest: Mapping[str, Any]) -> str:
+    """Which nets the signal-propagation study read on the zoo, how each was trained and how far it got."""
     if res["config"].get("source") != "pretrained":
         return ("The stored signal-propagation result predates the zoo's nets for it: it trained each variant "
                 f"{res['config']['steps']} steps")
+    entries = {e["name"]: e for e in manifest.get("checkpoints", [])}
     names = res["source"].split(": ", 1)[1].split(", ")
+    used = [entries.get(n, {}) for n in names]
+    lrs = [e.get("train", {}).get("lr") for e in used]
+    usual = max(set(lrs), key=lrs.count)  # the shared recipe's peak learning rate
+    chance = 1 / used[0]["config"]["num_classes"] if used and "config" in used[0] else None
     accs = []
-    for x, name in zip(res["rows"], names, strict=True):
+    for x, name, lr in zip(res["rows"], names, lrs, strict=True):
         acc = x.get("test_acc")
-        note = " (chance: it did not train)" if acc is not None and acc <= chance + 0.02 else ""
+        note = " (chance: it did not train)" if chance and acc is not None and acc <= chance + 0.02 else ""
+        note += f" (peak learning rate {lr:g})" if lr != usual else ""
         accs.append(f"{x['variant']} `{name}` {pct(acc)}{note}")
     d = res["config"]["depth"]
-    return (f"Signal propagation reads a converged ResNet-{d} for each of its {len(names)} blocks, trained by the "
-            f"zoo's recipe from ResNet-{d}'s seed on the same data, only the block differing, and its statistics at "
-            f"initialisation from the weights each started from. Test accuracy: {'; '.join(accs)}")
+    return (f"Signal propagation reads a converged ResNet-{d}, the study's own depth, for each of its {len(names)} "
+            f"blocks, trained by the zoo's recipe (peak learning rate {usual:g}) on the same data, only the block "
+            f"differing, and its statistics at initialisation from the weights each started from. Test accuracy: "
+            f"{'; '.join(accs)}")
 
 
 def _zoo_responses(res: Mapping[str, Any], deep: Mapping[str, Any]) -> str:
