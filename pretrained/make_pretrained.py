@@ -48,6 +48,7 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import math
 import sys
 import time
 from collections.abc import Iterator
@@ -122,6 +123,9 @@ def _signal_recipe(name: str, block: dict[str, Any], lr: float | None = None, de
     recipe = "recipe" if lr is None else f"recipe (peak learning rate {lr:g})"
     return {**base, "net": NetConfig(depth=depth, width=16, num_classes=8, input_size=16, block=BlockConfig(**block)),
             "train": train, "twin": False, "names": {"residual": name},
+            # without normalisation a deep net may diverge under the recipe: that is the study's result, so the net is
+            # shipped as it stood before the failing step, its entry saying so ("status": "diverged", the message)
+            "divergence_is_a_result": block.get("norm") == "none",
             "descriptions": {"residual": f"ResNet-{depth} (width 16) with {what} on shapes at 16x16, the zoo's {recipe} "
                                          "and data; one of the signal-propagation study's five blocks"}}
 
@@ -237,14 +241,19 @@ def train_unit(key: str, kind: str, out: Path) -> dict[str, Any]:
     t0 = time.perf_counter()
     result = fit({kind: nets[kind]}, bundle, cfg)
     seconds = round(time.perf_counter() - t0, 1)
-    if result.status != "finished":
+    status = str(result.status)
+    if status != "finished" and not (status == "diverged" and r.get("divergence_is_a_result")):
         raise RuntimeError(f"{key}/{kind}: training ended with status {result.status}: {result.message}")
     ckpt_name = r["names"][kind]
+    description = r["descriptions"][kind]
+    if status != "finished":
+        description += f". {result.message.split(':')[0].capitalize()}: shipped as it stood before that step"
     entry = {
-        "name": ckpt_name, "recipe": key, "fingerprint": fingerprint(key), "description": r["descriptions"][kind],
+        "name": ckpt_name, "recipe": key, "fingerprint": fingerprint(key), "description": description,
         "kind": kind, "sidecar": f"{ckpt_name}.json", "twin": next((n for k, n in r["names"].items() if k != kind), None),
-        "train": cfg.to_dict(), "dataset": info, "train_time_s": seconds, "steps": result.history[-1].step,
+        "train": cfg.to_dict(), "dataset": info, "train_time_s": seconds, "steps": result.history[-1].step if result.history else 0,
         "trained_on": device.type, "threads": torch.get_num_threads(), "log": training_log(result.history, kind),
+        **({"status": status, "message": result.message} if status != "finished" else {}),
     }
     return finish_unit(key, result.nets[kind].cpu().eval(), bundle, entry, out)
 
@@ -256,10 +265,12 @@ def finish_unit(key: str, net: torch.nn.Module, bundle: DatasetBundle, entry: di
     path = save_checkpoint(net, out / entry["name"], dataset=entry["dataset"], metrics={"train_time_s": entry["train_time_s"]})
     reloaded = load_checkpoint(path)[0].eval()
     loss, acc = evaluate(reloaded, bundle.test, batch_size=500)  # on the saved weights, float32 on the CPU
+    loss = loss if math.isfinite(loss) else None  # a net shipped diverged may overflow: null in the JSON, not NaN
     entry = {**entry, "file": path.name, "config": net.cfg.to_dict(), "test_acc": acc, "test_loss": loss,
              "precise_bn": bool(RECIPES[key].get("precise_bn")), "sha256": file_sha256(path),
              "size_bytes": path.stat().st_size, "torch": torch.__version__, "resviz": __version__}
-    print(f"{entry['name']}: test accuracy {acc:.4f} (loss {loss:.3f}), {entry['train_time_s']:.0f} s on "
+    print(f"{entry['name']}: test accuracy {acc:.4f} (loss {'not finite' if loss is None else f'{loss:.3f}'}), "
+          f"{entry['train_time_s']:.0f} s on "
           f"{entry['trained_on']}", flush=True)
     return entry
 

@@ -150,6 +150,8 @@ class ShippedModel:
     kind: str = ""  # "residual" or "plain" (a twin run ships both)
     log: Mapping[str, Any] | None = field(default=None, compare=False, hash=False)  # training log, when recorded
     seed: int | None = None  # the seed it was trained from (its initial weights), when recorded
+    status: str = "finished"  # how its training ended: "finished", or "diverged" (shipped as it stood before)
+    message: str = ""  # what ended it, when it did not finish
 
 
 def pretrained_dir() -> Path:
@@ -183,7 +185,8 @@ def _manifest_entry(root: Path, e: Any) -> ShippedModel | None:
     return ShippedModel(name=str(e.get("name") or path.stem), path=path, dataset=dataset, accuracy=_accuracy(e),
                         description=str(e.get("description", "")), kind=str(e.get("kind", "")),
                         log=e.get("log") if isinstance(e.get("log"), Mapping) else None,
-                        seed=seed if isinstance(seed, int) and not isinstance(seed, bool) else None)
+                        seed=seed if isinstance(seed, int) and not isinstance(seed, bool) else None,
+                        status=str(e.get("status", "finished")), message=str(e.get("message", "")))
 
 
 def first_choice(models: Sequence[ShippedModel], dataset: str | None) -> int:

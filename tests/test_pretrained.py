@@ -64,10 +64,14 @@ def test_the_study_zoo_is_shipped_converged_with_full_logs():
     for e in ZOO.values():
         log = e["log"]
         n = len(log["epoch"])
+        assert e["trained_on"] in ("cpu", "cuda") and e["train_time_s"] > 0
+        if e.get("status", "finished") != "finished":  # only where the recipe takes divergence for a result
+            assert e["status"] == "diverged" and e["config"]["block"]["norm"] == "none", e["name"]
+            assert "diverged at step" in e["message"] and n < 2 * e["train"]["epochs"]
+            continue
         assert n >= 2 * e["train"]["epochs"] and all(len(v) == n for v in log.values()), e["name"]  # 2+ per epoch
         assert log["epoch"][-1] == pytest.approx(e["train"]["epochs"], abs=0.01)
         assert 1 - log["test_error"][-1] == pytest.approx(e["test_acc"], abs=TOLERANCE)  # the log ends where the net did
-        assert e["trained_on"] in ("cpu", "cuda") and e["train_time_s"] > 0
     # the degradation problem, read from the logs: deeper plain nets train worse
     plain_err = [ZOO[f"shapes_plain{d}"]["log"]["train_error"][-1] for d in (20, 56, 110)]
     assert plain_err[0] < plain_err[1] < plain_err[2], plain_err

@@ -94,6 +94,37 @@ def test_make_pretrained_writes_each_net_once_with_its_log(tiny_zoo: Path) -> No
         assert evaluate(load_checkpoint(tiny_zoo / e["file"])[0], test, batch_size=500)[1] == pytest.approx(e["test_acc"])
 
 
+def test_a_net_whose_recipe_takes_divergence_for_a_result_is_shipped_diverged_and_others_are_not(tmp_path: Path) -> None:
+    sys.path.insert(0, str(ROOT / "pretrained"))
+    import make_pretrained as mp
+
+    saved = dict(mp.RECIPES)
+    try:
+        mp.RECIPES.clear()
+        for key, (name, block) in mp.SIGNAL_VARIANTS.items():
+            if key in ("signal_pre_nonorm", "signal_post_nonorm"):
+                r = mp._signal_recipe(tiny_name(name), block, depth=8)
+                r["dataset"] = {"name": "shapes", "seed": 1, "train_size": 256, "test_size": 64, "input_size": 16}
+                r["net"] = NetConfig(depth=8, width=4, num_classes=8, input_size=16, block=BlockConfig(**block))
+                r["train"] = TrainConfig(epochs=2, batch_size=64, lr=1e4, seed=8, device="auto", probe_every=0,
+                                         eval_every=4)  # far too high a learning rate: both diverge at once
+                mp.RECIPES[key] = r
+        assert mp.RECIPES["signal_pre_nonorm"]["divergence_is_a_result"]
+        mp.RECIPES["signal_post_nonorm"]["divergence_is_a_result"] = False  # as for every other recipe
+        threads = ["--threads", str(torch.get_num_threads())]
+        with pytest.raises(SystemExit, match="not trained: shapes_signal8_post_nonorm"):
+            mp.main(["--out", str(tmp_path), *threads])
+        (entry,) = json.loads((tmp_path / "manifest.json").read_text())["checkpoints"]
+        assert entry["name"] == "shapes_signal8_pre_nonorm" and entry["status"] == "diverged"
+        assert "diverged at step" in entry["message"] and "shipped as it stood before that step" in entry["description"]
+        net = load_checkpoint(tmp_path / entry["file"])[0]
+        assert all(torch.isfinite(p).all() for p in net.parameters())  # the weights from before the failing step
+        assert mp.work_left(entry, "signal_pre_nonorm", tmp_path) == "done"  # its recipe's result: not trained again
+    finally:
+        mp.RECIPES.clear()
+        mp.RECIPES.update(saved)
+
+
 def test_degradation_on_the_zoo_reads_the_logs_and_checks_the_effect_sizes(zoo_env: Path) -> None:
     result = run_study("degradation", "zoo", overrides={**TINY, "depths": (8, 14)}, save_figures=False)
     assert result["source"].startswith("pretrained") and result["test_curves"] and result["curve_x"] == "epoch"

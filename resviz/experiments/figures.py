@@ -52,7 +52,7 @@ def lines(x: Sequence[Any], series: Mapping[str, Sequence[Any]], *, title: str, 
         fig.add_trace(go.Scatter(x=list(x)[: len(vals)], y=vals, mode="lines+markers", name=label, connectgaps=False,
                                  **_style(label, i)))
     if log_y:
-        fig.update_yaxes(type="log")
+        fig.update_yaxes(type="log", exponentformat="power")  # 10^10, not "10B", beside 10^35
     if percent:
         fig.update_yaxes(tickformat=".0%")
     return fig

@@ -101,7 +101,8 @@ def run(cfg: SignalConfig, progress: Any = None) -> dict[str, Any]:
         if cfg.source == "pretrained":
             net, trained_net, model = _shipped(cfg, label, net_cfg)
             init = _stats(net, x)
-            curve, status = [float(v) for v in (model.log or {}).get("train_loss", [])], "pretrained"
+            curve = [float(v) for v in (model.log or {}).get("train_loss", [])]
+            status = "pretrained" if model.status == "finished" else model.status  # a shipped net that diverged
             tail, steps = curve[-1:], None  # the log's last reading: the mean loss since the evaluation before it
             shipped.append(model.name)
             part(1.0, f"{label}: {model.name}")

@@ -190,13 +190,19 @@ STUDY_LABELS = {"degradation": "1. Degradation", "lesion": "2. Lesion", "respons
                 "faithfulness": "7. Attribution faithfulness"}
 
 
+def ended(entry: Mapping[str, Any]) -> str:
+    """How a zoo net's training ended, when it did not finish (``training diverged at step 3 (lr 0.0102)``)."""
+    return str(entry.get("message", "")).split(":")[0] or str(entry.get("status", "finished"))
+
+
 def zoo(r: Results, manifest: Mapping[str, Any]) -> dict[str, str]:
     """The converged zoo: its nets (from the manifest) and every study's checks on it, effect sizes first."""
     nets = [e for e in manifest.get("checkpoints", []) if e.get("fingerprint")]
     order = {"shapes": 0, "fashion-mnist": 1}
     nets.sort(key=lambda e: (order.get(e["dataset"]["name"], 2), e["config"]["depth"], e["kind"] != "residual"))
     rows = [(f"`{e['name']}`", e["dataset"]["name"], e["config"]["depth"], pct(e["test_acc"]),
-             pct(e["log"]["train_error"][-1]), f"{e['train']['epochs']:g} x {e['dataset']['train_size']:,}",
+             pct(e["log"]["train_error"][-1]) if e["log"]["train_error"] else f"{DASH} ({ended(e)})",
+             f"{e['train']['epochs']:g} x {e['dataset']['train_size']:,}",
              f"{e['train_time_s'] / 60:.0f} min, {e['trained_on']}") for e in nets]
     effects = []
     for name, label in STUDY_LABELS.items():
@@ -280,14 +286,17 @@ def _zoo_signal(res: Mapping[str, Any], manifest: Mapping[str, Any]) -> str:
     accs = []
     for x, name, lr in zip(res["rows"], names, lrs, strict=True):
         acc = x.get("test_acc")
-        note = " (chance: it did not train)" if chance and acc is not None and acc <= chance + 0.02 else ""
+        e = entries.get(name, {})
+        if e.get("status", "finished") != "finished":
+            note = f" ({ended(e)}; shipped as it stood before that step)"
+        else:
+            note = " (chance: it did not train)" if chance and acc is not None and acc <= chance + 0.02 else ""
         note += f" (peak learning rate {lr:g})" if lr != usual else ""
         accs.append(f"{x['variant']} `{name}` {pct(acc)}{note}")
     d = res["config"]["depth"]
-    return (f"Signal propagation reads a converged ResNet-{d}, the study's own depth, for each of its {len(names)} "
-            f"blocks, trained by the zoo's recipe (peak learning rate {usual:g}) on the same data, only the block "
-            f"differing, and its statistics at initialisation from the weights each started from. Test accuracy: "
-            f"{'; '.join(accs)}")
+    return (f"Signal propagation reads a ResNet-{d}, the study's own depth, in each of its {len(names)} blocks, trained "
+            f"by the zoo's recipe (peak learning rate {usual:g}) on the same data, only the block differing, and its "
+            f"statistics at initialisation from the weights each started from. Test accuracy: {'; '.join(accs)}")
 
 
 def _zoo_responses(res: Mapping[str, Any], deep: Mapping[str, Any]) -> str:
