@@ -269,9 +269,9 @@ def finish_unit(key: str, net: torch.nn.Module, bundle: DatasetBundle, entry: di
     entry = {**entry, "file": path.name, "config": net.cfg.to_dict(), "test_acc": acc, "test_loss": loss,
              "precise_bn": bool(RECIPES[key].get("precise_bn")), "sha256": file_sha256(path),
              "size_bytes": path.stat().st_size, "torch": torch.__version__, "resviz": __version__}
-    print(f"{entry['name']}: test accuracy {acc:.4f} (loss {'not finite' if loss is None else f'{loss:.3f}'}), "
-          f"{entry['train_time_s']:.0f} s on "
-          f"{entry['trained_on']}", flush=True)
+    shown = "not finite" if loss is None else f"{loss:.3f}"
+    print(f"{entry['name']}: test accuracy {acc:.4f} (loss {shown}), {entry['train_time_s']:.0f} s on {entry['trained_on']}",
+          flush=True)
     return entry
 
 

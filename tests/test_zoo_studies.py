@@ -168,7 +168,7 @@ def test_signal_on_the_zoo_reads_each_variants_shipped_net_and_its_initial_weigh
     monkeypatch.setattr(signal, "train_one", no_training)
     res = run_study("signal", "zoo", overrides={**TINY, "depth": 8}, save_figures=False)
     names = ["shapes_resnet8", *tiny_signal_nets()]
-    assert res["source"] == f"pretrained: {', '.join(names)}"
+    assert res["source"] == f"pretrained: {', '.join(names)}" and res["shipped"] == names
     assert [r["variant"] for r in res["rows"]] == list(signal.VARIANTS) and {r["status"] for r in res["rows"]} == {"pretrained"}
     entries = {e["name"]: e for e in json.loads((zoo_env / "manifest.json").read_text())["checkpoints"]}
     data = load_dataset("shapes", seed=1, train_size=TINY["train_size"], test_size=TINY["test_size"], input_size=16)

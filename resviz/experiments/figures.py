@@ -45,14 +45,18 @@ def lines(x: Sequence[Any], series: Mapping[str, Sequence[Any]], *, title: str, 
     """One line per series over shared ``x`` (depths, block indices, k removed blocks, ...)."""
     fig = go.Figure()
     fig.update_layout(title=title, template=TEMPLATE, xaxis_title=xaxis, yaxis_title=yaxis, hovermode="x unified")
+    shown: list[float] = []
     for i, (label, ys) in enumerate(series.items()):
         vals = _values(ys)
         if log_y:
             vals = [v if v is not None and v > 0 else None for v in vals]
+            shown += [v for v in vals if v is not None]
         fig.add_trace(go.Scatter(x=list(x)[: len(vals)], y=vals, mode="lines+markers", name=label, connectgaps=False,
                                  **_style(label, i)))
     if log_y:
-        fig.update_yaxes(type="log", exponentformat="power")  # 10^10, not "10B", beside 10^35
+        fig.update_yaxes(type="log")
+        if shown and max(shown) > 1e6 * min(shown):  # many decades: 10^10 beside 10^35, not "10B"
+            fig.update_yaxes(exponentformat="power")
     if percent:
         fig.update_yaxes(tickformat=".0%")
     return fig

@@ -48,10 +48,10 @@ class LesionConfig(TrainedStudyConfig):
                "zoo": {**ZOO, "depth": 110, "plain_depth": 20, "draws": 8, "eval_size": 1000}}  # the whole test split
 
 
-
 def _kept(fraction: float) -> str:
     """A share of above-chance accuracy kept, in whole percent; a hair below chance reads 0%, not -0%."""
     return f"{fraction:.0%}" if round(fraction, 2) != 0 else "0%"
+
 
 def accuracy(net: nn.Module, x: Any, y: Any) -> float:
     return evaluate(net, (x, y), batch_size=500)[1]

@@ -20,6 +20,7 @@ import plotly.graph_objects as go
 import torch
 
 from resviz.analysis.probes import signal_prop
+from resviz.config import NetConfig
 from resviz.experiments.common import MEDIUM_TRAINING, ZOO, TrainingBudget, as_progress, check, net_config, smooth_curve, timer
 from resviz.experiments.figures import lines
 from resviz.experiments.twins import pretrained_net, train_one
@@ -78,7 +79,7 @@ def _growth(var: list[float]) -> float:
     return float(v[-1] / v[0]) if len(v) and v[0] > 0 and np.isfinite(v[-1]) else float("inf")
 
 
-def _shipped(cfg: SignalConfig, label: str, net_cfg: Any) -> tuple[torch.nn.Module, torch.nn.Module, Any]:
+def _shipped(cfg: SignalConfig, label: str, net_cfg: NetConfig) -> tuple[torch.nn.Module, torch.nn.Module, Any]:
     """The shipped net of variant ``label`` (or a clear error), the initial weights it was trained from, and its
     manifest entry."""
     found = pretrained_net(net_cfg, cfg.input_size)
@@ -125,7 +126,9 @@ def run(cfg: SignalConfig, progress: Any = None) -> dict[str, Any]:
     checks, effects = _checks(rows, spp, stage_of), effect_checks(rows)
     return {"study": NAME, "title": TITLE, "paper": PAPER, "config": cfg.to_dict(), "rows": rows, "spp": spp,
             "stage_of": stage_of, "curves": curves, "checks": checks + effects if cfg.budget == "zoo" else checks,
-            "effects": effects, "paper_rows": PAPER_NOTES, "source": source, "time_s": elapsed()}
+            "effects": effects, "paper_rows": PAPER_NOTES, "source": source,
+            "shipped": shipped,  # the shipped net of each row, in row order (none when trained here)
+            "time_s": elapsed()}
 
 
 SKIPINIT_GAP = 0.03  # De and Smith (2020): SkipInit trains unnormalised ResNets to about BN's accuracy (within a point)

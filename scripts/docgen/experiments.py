@@ -278,7 +278,7 @@ def _zoo_signal(res: Mapping[str, Any], manifest: Mapping[str, Any]) -> str:
         return ("The stored signal-propagation result predates the zoo's nets for it: it trained each variant "
                 f"{res['config']['steps']} steps")
     entries = {e["name"]: e for e in manifest.get("checkpoints", [])}
-    names = res["source"].split(": ", 1)[1].split(", ")
+    names = res["shipped"]
     used = [entries.get(n, {}) for n in names]
     lrs = [e.get("train", {}).get("lr") for e in used]
     usual = max(set(lrs), key=lrs.count)  # the shared recipe's peak learning rate
