@@ -81,7 +81,9 @@ def _zoo_recipe(depth: int) -> dict[str, Any]:
         # (4x fewer pixels than 32x32). A test evaluation every 78 steps (48 in all) draws the degradation curves.
         # Tried instead: weight decay 1e-4 (the rest as here) left the branch scales near 1 and ResNet-110's the
         # largest (std of F(x) ResNet-20/56/110 0.906/0.815/0.945, plain-20 0.902), though ResNet-56's loss slice
-        # was then 5.8x more convex than plain-56's (here: 1.6x).
+        # was then 5.8x more convex than plain-56's (here: 1.6x). By Li et al.'s full-Hessian measure the 1e-4 pair
+        # (ResNet-56 99.8%, plain-56 95.3%) kept this zoo's reversal: mean |lambda_min/lambda_max| on a 3x3 map 0.270
+        # (ResNet-56) vs 0.180 (plain-56); here, on the same map, 0.242 vs 0.086.
         "train": TrainConfig(epochs=24, batch_size=128, lr=0.1, schedule="onecycle", weight_decay=5e-4, decay_all=True,
                              seed=depth, device="auto", probe_every=0, eval_every=78, augment=True),
         "twin": True,

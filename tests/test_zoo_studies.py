@@ -140,6 +140,7 @@ def test_lesion_and_responses_on_the_zoo_use_the_shipped_nets(zoo_env: Path) -> 
     res = run_study("lesion", "zoo", overrides={**TINY, "depth": 14, "plain_depth": None, "draws": 2, "max_swaps": 2},
                     save_figures=False)
     assert res["source"] == "pretrained: shapes_resnet14, shapes_plain14"
+    assert res["shipped"] == ["shapes_resnet14", "shapes_plain14"]  # what the stored result's sha256s are taken of
     inner = [r for r in res["rows"] if not r["downsampling"]]
     mean_cost = np.mean([res["intact"]["residual"] - r["residual_acc"] for r in inner])
     assert res["effects"][0]["holds"] == (mean_cost <= lesion.SINGLE_COST)
@@ -148,11 +149,13 @@ def test_lesion_and_responses_on_the_zoo_use_the_shipped_nets(zoo_env: Path) -> 
     ref = with_ref["plain_reference"]
     assert ref["depth"] == 8 and len(ref["single"]) == 3 and with_ref["rows"] == res["rows"]  # the twins' rows as before
     assert "plain-8 keeps" in with_ref["effects"][-1]["detail"]
+    assert with_ref["shipped"] == ["shapes_resnet14", "shapes_plain14", "shapes_plain8"]  # only the reference's plain net
     assert ref["one_swap"] is None  # one block per stage: nothing to swap, so the swap check keeps the twin
     assert with_ref["checks"][3]["detail"] == res["checks"][3]["detail"]
     resp = run_study("responses", "zoo", overrides={**TINY, "depths": (8, 14)}, save_figures=False)
     by = {r["net"]: r["mean_branch_std"] for r in resp["rows"]}
     chain = [by["residual-14"], by["residual-8"], by["plain-8"]]
+    assert resp["shipped"] == [f"shapes_{kind}{d}" for d in (8, 14) for kind in ("resnet", "plain")]
     assert resp["effects"][0]["holds"] == (chain[0] < chain[1] < chain[2])
 
 

@@ -10,6 +10,7 @@ Result format (JSON-able)::
 
     {"study", "title", "paper", "config", "rows": [one dict per table row, ours beside the paper's],
      "checks": [{"claim", "holds", "detail"}], "source": "where the trained nets came from",
+     "shipped": [the checkpoint names of the shipped nets measured; empty when trained here],
      "time_s": seconds, ...study-specific series for the figures}
 """
 

@@ -71,7 +71,7 @@ def _from_logs(cfg: DegradationConfig, depth: int) -> dict[str, Any] | None:
         out[f"{name}_final_loss"] = float(log["train_loss"][-1])
         out[f"{name}_curve"] = (list(log["epoch"]), [float(v) for v in log["train_error"]])
         out[f"{name}_test_curve"] = (list(log["epoch"]), [float(v) for v in log["test_error"]])
-    out["status"] = twins.source
+    out["status"], out["shipped"] = twins.source, list(twins.shipped)
     return out
 
 
@@ -133,12 +133,13 @@ def run(cfg: DegradationConfig, progress: Any = None) -> dict[str, Any]:
     mine = [d for i, d in enumerate(depths) if i % info.world_size == info.rank]
     parts = dict(zip(mine, progress.spans([float(d) for d in mine]), strict=True))
     results = distributed.sweep(depths, lambda d: _one_depth(cfg, d, parts[d]))
-    rows, curves, test_curves = [], {}, {}
+    rows, curves, test_curves, shipped = [], {}, {}, []
     for r in results:
         curves[r["depth"]] = {k: r.pop(f"{k}_curve") for k in ("plain", "residual")}
         if "residual_test_curve" in r:
             test_curves[r["depth"]] = {k: r.pop(f"{k}_test_curve") for k in ("plain", "residual")}
         status = r.pop("status")
+        shipped += r.pop("shipped", [])
         rows.append({**r, "paper_residual_test_err": _pct(PAPER_RESIDUAL.get(r["depth"])),
                      "paper_plain_test_err": _pct(PAPER_PLAIN.get(r["depth"])), "status": status})
     progress(1.0, "done")
@@ -149,7 +150,8 @@ def run(cfg: DegradationConfig, progress: Any = None) -> dict[str, Any]:
            "effects": effects,
            "paper_rows": [{"depth": d, "plain_test_err": _pct(PAPER_PLAIN.get(d)), "residual_test_err": _pct(e)}
                           for d, e in PAPER_RESIDUAL.items()],
-           "source": "; ".join(r["status"] for r in rows) if logged else f"trained ({cfg.steps} steps each)", "time_s": elapsed()}
+           "source": "; ".join(r["status"] for r in rows) if logged else f"trained ({cfg.steps} steps each)",
+           "shipped": shipped, "time_s": elapsed()}
     if logged:
         out["test_curves"] = {str(d): c for d, c in test_curves.items()}
         out["curve_x"] = "epoch"

@@ -117,7 +117,8 @@ def run(cfg: FaithfulnessConfig, progress: Any = None) -> dict[str, Any]:
             rows.append({"net": name, "method": method, "accuracy": acc, **score(net, x, y, masks, method, cfg, next(parts))})
     progress(1.0, "done")
     return {"study": NAME, "title": TITLE, "paper": PAPER, "config": cfg.to_dict(), "rows": rows,
-            "checks": _checks(rows), "paper_rows": PAPER_ROWS, "source": twins.source, "time_s": elapsed()}
+            "checks": _checks(rows), "paper_rows": PAPER_ROWS, "source": twins.source,
+            "shipped": list(twins.shipped), "time_s": elapsed()}
 
 
 def _checks(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

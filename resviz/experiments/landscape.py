@@ -197,7 +197,7 @@ def run(cfg: LandscapeConfig, progress: Any = None) -> dict[str, Any]:
     checks, effects = _checks(rows), effect_checks(rows, out["surface"]["residual"])
     return {"study": NAME, "title": TITLE, "paper": PAPER, "config": cfg.to_dict(), "rows": rows, **out,
             "checks": checks + effects if cfg.budget == "zoo" else checks, "effects": effects, "paper_rows": PAPER_NOTES,
-            "source": twins.source, "time_s": elapsed()}
+            "source": twins.source, "shipped": list(twins.shipped), "time_s": elapsed()}
 
 
 CONVEXITY_RATIO = 3.0  # Li et al. Fig. 8: the plain net's map is dominated by non-convexity, the ResNet's is nearly flat

@@ -150,7 +150,8 @@ def run(cfg: LesionConfig, progress: Any = None) -> dict[str, Any]:
                 for _ in range(cfg.draws)] if groups else []
         reference = {"depth": cfg.plain_depth, "intact": accuracy(ref, x, y), "single": single,
                      "downsampling": [blk.stride > 1 for blk in ref.blocks],
-                     "one_swap": float(np.mean(swap)) if swap else None, "source": ref_twins.source}
+                     "one_swap": float(np.mean(swap)) if swap else None, "source": ref_twins.source,
+                     "shipped": list(ref_twins.shipped[1:])}  # its plain net only
     progress(1.0, "done")
     checks = _checks(rows, intact, curves, data.num_classes, reference)
     effects = effect_checks(rows, intact, curves, data.num_classes, reference)
@@ -158,7 +159,7 @@ def run(cfg: LesionConfig, progress: Any = None) -> dict[str, Any]:
             "chance": 1.0 / data.num_classes, "curves": curves, "checks": checks + effects if cfg.budget == "zoo" else checks,
             "effects": effects, "plain_reference": reference, "paper_rows": PAPER_NOTES,
             "source": twins.source + (f"; plain-{cfg.plain_depth} beside them ({reference['source']})" if reference else ""),
-            "time_s": elapsed()}
+            "shipped": list(twins.shipped) + (reference["shipped"] if reference else []), "time_s": elapsed()}
 
 
 SINGLE_COST = 0.03  # Veit et al.: deleting one block of ResNet-110 barely changes its error (Fig. 3)

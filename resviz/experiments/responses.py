@@ -108,7 +108,7 @@ def _measure(cfg: ResponsesConfig, depth: int, progress: Progress) -> dict[str, 
     twins = reference_twins(cfg.net(depth, data.num_classes), data, cfg.schedule(), seed=cfg.seed, source=cfg.source,
                             device=cfg.device, progress=progress)
     x = data.test.tensors[0][: cfg.eval_size]
-    out: dict[str, Any] = {"depth": depth, "status": twins.status, "source": twins.source}
+    out: dict[str, Any] = {"depth": depth, "status": twins.status, "source": twins.source, "shipped": list(twins.shipped)}
     for name, net in twins.nets.items():
         per_block = layer_stds(net, x)
         out[f"{name}_layers"] = [s for block in per_block for s in block]
@@ -138,7 +138,7 @@ def run(cfg: ResponsesConfig, progress: Any = None) -> dict[str, Any]:
     return {"study": NAME, "title": TITLE, "paper": PAPER, "config": cfg.to_dict(), "rows": rows, "layers": series,
             "branch": {f"{n}-{m['depth']}": m[f"{n}_branch"] for m in measured for n in ("residual", "plain")},
             "checks": checks + effects if cfg.budget == "zoo" else checks, "effects": effects, "paper_rows": PAPER_NOTES,
-            "source": source, "time_s": elapsed()}
+            "source": source, "shipped": [n for m in measured for n in m["shipped"]], "time_s": elapsed()}
 
 
 def chain(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -97,7 +97,7 @@ def run(cfg: ShatteredConfig, progress: Any = None) -> dict[str, Any]:
     progress(1.0, "done")
     return {"study": NAME, "title": TITLE, "paper": PAPER, "config": cfg.to_dict(), "rows": rows,
             "lags": {str(d): m for d, m in zip(depths, measured, strict=True)}, "checks": _checks(rows),
-            "paper_rows": PAPER_NOTES, "source": "initialisation (no training)", "time_s": elapsed()}
+            "paper_rows": PAPER_NOTES, "source": "initialisation (no training)", "shipped": [], "time_s": elapsed()}
 
 
 def _white(rows: list[dict[str, Any]], key: str, level: float = 0.1) -> int | None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from pathlib import Path
 from typing import Any
 
@@ -42,15 +41,15 @@ def load_stored(name: str, root: str | os.PathLike | None = None) -> dict[str, A
 
 
 def nets_used(result: dict[str, Any]) -> dict[str, str]:
-    """The shipped nets a result names in its ``source``, each with the sha256 of its weights in the manifest of
-    the zoo the studies load (:func:`resviz.zoo.pretrained_dir`)."""
+    """The shipped nets a result was measured on (its ``shipped`` list of checkpoint names), each with the sha256
+    of its weights in the manifest of the zoo the studies load (:func:`resviz.zoo.pretrained_dir`)."""
     manifest = pretrained_dir() / "manifest.json"
     try:
         entries = json.loads(manifest.read_text("utf-8")).get("checkpoints", [])
     except (OSError, ValueError):
         return {}
-    source = str(result.get("source", ""))
-    return {e["name"]: e["sha256"] for e in entries if re.search(rf"\b{re.escape(e['name'])}\b", source)}
+    used = set(result.get("shipped") or ())
+    return {e["name"]: e["sha256"] for e in entries if e["name"] in used}
 
 
 def store(result: dict[str, Any], root: str | os.PathLike | None = None) -> Path:

@@ -34,6 +34,7 @@ class Twins:
     source: str = "trained"  # "trained (N steps)" or "pretrained: <names>"
     logs: dict[str, dict[str, list[float]]] | None = None  # shipped pairs: each net's training log from the manifest
     accuracy: dict[str, float] | None = None  # shipped pairs: each net's test accuracy from the manifest
+    shipped: tuple[str, ...] = ()  # shipped pairs: the checkpoint names, residual first; none when trained here
 
 
 _CACHE: OrderedDict[str, tuple[dict, dict, str, str, str]] = OrderedDict()
@@ -142,11 +143,11 @@ def pretrained_twins(net_cfg: NetConfig, input_size: int) -> Twins | None:
     if "residual" not in found or "plain" not in found:
         return None
     nets = {k: load_checkpoint(found[k][1].path)[0].eval() for k in ("residual", "plain")}
-    names = ", ".join(found[k][0] for k in ("residual", "plain"))
+    shipped = tuple(found[k][0] for k in ("residual", "plain"))
     logs = {k: {n: list(v) for n, v in found[k][1].log.items()} for k in found if found[k][1].log}
     accuracy = {k: found[k][1].accuracy for k in found if found[k][1].accuracy is not None}
-    return Twins(nets=nets, curves={}, status="pretrained", source=f"pretrained: {names}", logs=logs or None,
-                 accuracy=accuracy or None)
+    return Twins(nets=nets, curves={}, status="pretrained", source=f"pretrained: {', '.join(shipped)}",
+                 logs=logs or None, accuracy=accuracy or None, shipped=shipped)
 
 
 def pretrained_net(net_cfg: NetConfig, input_size: int) -> tuple[nn.Module, Any] | None:
